@@ -1,0 +1,11 @@
+"""Test setup: 8 simulated CPU devices, absl flags parsed for Grain workers."""
+import os
+
+# Must happen before JAX initialises its backends.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl import flags  # noqa: E402
+
+if not flags.FLAGS.is_parsed():
+  flags.FLAGS.mark_as_parsed()
