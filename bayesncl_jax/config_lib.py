@@ -57,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.backbone = "resnet18"
   c.model.width = 64  # channels of the first stage (64 = standard ResNet).
   c.model.stem = "cifar"  # cifar: 3x3/1, no max-pool; imagenet: 7x7/2 + pool.
+  # Blocks per stage; () = the standard depth of `backbone`. A small variant
+  # of the same code for tests and CPU demos, e.g. (1, 1) with width 16.
+  c.model.stage_sizes = ()
   c.model.proj_hidden = 2048
   c.model.proj_out = 256
   c.model.non_neg = "rep_relu"  # ignored (forced "none") for method=cl.
@@ -161,6 +164,10 @@ def validate(config, num_devices: int | None = None) -> None:
   if config.optim.total_steps <= 0 and config.optim.epochs <= 0:
     raise ConfigError("Either config.optim.epochs or config.optim.total_steps"
                       " must be > 0: there is nothing to train.")
+  if any(int(n) <= 0 for n in config.model.stage_sizes):
+    raise ConfigError(f"config.model.stage_sizes={tuple(config.model.stage_sizes)}"
+                      " must hold positive block counts (or be () for the "
+                      "standard depth).")
   if len(config.dataset.mean) != len(config.dataset.std):
     raise ConfigError("config.dataset.mean and config.dataset.std must have "
                       "one entry per image channel each.")

@@ -1,0 +1,313 @@
+"""Flax modules: ResNet encoder, non-negative projector, Bayesian gate, probe.
+
+One module, `ContrastiveModel`, covers the three methods of METHOD.md §1:
+  CL       z = normalize(g(h))
+  NCL      z = normalize(σ+(g(h)))
+  BayesNCL z = normalize(normalize(σ+(g(h))) ⊙ m),  m ~ gate(stop_grad(h))
+
+BatchNorm needs no `axis_name`: the model runs inside `jax.jit` on a batch
+that is `NamedSharding`-ed over the mesh, so a mean over the batch axis *is*
+the global-batch mean (SimCLR's synchronised BN) and XLA inserts the
+all-reduce itself.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# The same eps guards the L2 normalisation everywhere (METHOD.md §2.3).
+NORM_EPS = 1e-12
+# The noise constants of the authors' Gumbel-sigmoid (METHOD.md §2.4).
+GUMBEL_EPS = 1e-4
+
+ModuleDef = Any
+
+
+# ----------------------------------------------------------------------------
+# Pure functions: non-negativity, normalisation, gates.
+# ----------------------------------------------------------------------------
+def rep_relu(z: jax.Array) -> jax.Array:
+  """ReLU's value with GELU's gradient (reparameterised ReLU, NCL paper)."""
+  g = nn.gelu(z, approximate=False)
+  return g - jax.lax.stop_gradient(g) + jax.lax.stop_gradient(nn.relu(z))
+
+
+_NON_NEG: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "none": lambda z: z,
+    "relu": nn.relu,
+    "rep_relu": rep_relu,
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "sigmoid": nn.sigmoid,
+    "softplus": nn.softplus,
+    "exp": jnp.exp,
+    "leaky_relu": nn.leaky_relu,  # slope 0.01, as torch's default.
+}
+
+
+def non_negative(z: jax.Array, kind: str) -> jax.Array:
+  """Applies the non-negativity map σ+ named `kind` (METHOD.md §1)."""
+  try:
+    return _NON_NEG[kind](z)
+  except KeyError:
+    raise ValueError(f"Unknown non_neg={kind!r}; allowed: "
+                     f"{', '.join(_NON_NEG)}") from None
+
+
+def l2_normalize(z: jax.Array, eps: float = NORM_EPS) -> jax.Array:
+  """z / max(||z||, eps) over the last axis.
+
+  Written as rsqrt(max(||z||², eps²)) so an all-zero row (every gate closed)
+  has a zero, not NaN, gradient: the max routes the gradient to the constant.
+  """
+  sq = jnp.sum(jnp.square(z), axis=-1, keepdims=True)
+  return z * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+def gate_probs(logits: jax.Array, temperature: float) -> jax.Array:
+  """Deterministic gate probability p = sigmoid(a / τ_gate)."""
+  return nn.sigmoid(logits / temperature)
+
+
+def gumbel_sigmoid_probs(rng: jax.Array, logits: jax.Array,
+                         temperature: float) -> jax.Array:
+  """Relaxed Bernoulli p~ = sigmoid((a + g) / τ), g = -log(-log(u+ε)+ε)."""
+  u = jax.random.uniform(rng, logits.shape, logits.dtype)
+  g = -jnp.log(-jnp.log(u + GUMBEL_EPS) + GUMBEL_EPS)
+  return nn.sigmoid((logits + g) / temperature)
+
+
+def straight_through_hard(p: jax.Array, threshold: float) -> jax.Array:
+  """Value 1[p > threshold], gradient of p (straight-through estimator)."""
+  hard = (p > threshold).astype(p.dtype)
+  return jax.lax.stop_gradient(hard - p) + p
+
+
+def gate_mask(logits: jax.Array, *, gate_type: str, temperature: float,
+              threshold: float, train: bool, eval_mode: str = "hard",
+              rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Returns (mask m applied to z, deterministic probabilities p for the KL).
+
+  Training: `ste` thresholds p with a straight-through gradient;
+  `gumbel_sigmoid` thresholds the noisy p~ the same way (needs `rng`).
+  Evaluation: no noise; `hard` gives 1[p > threshold], `soft` gives p.
+  """
+  if temperature <= 0:
+    raise ValueError(f"gate temperature must be > 0, got {temperature}; the "
+                     "authors' YAML default 0.0 divides by zero.")
+  p = gate_probs(logits, temperature)
+  if not train:
+    if eval_mode == "soft":
+      return p, p
+    if eval_mode != "hard":
+      raise ValueError(f"Unknown gate eval_mode={eval_mode!r}: hard | soft")
+    return (p > threshold).astype(p.dtype), p
+  if gate_type == "ste":
+    return straight_through_hard(p, threshold), p
+  if gate_type == "gumbel_sigmoid":
+    if rng is None:
+      raise ValueError("gate_type='gumbel_sigmoid' needs an rng in training")
+    return straight_through_hard(
+        gumbel_sigmoid_probs(rng, logits, temperature), threshold), p
+  raise ValueError(f"Unknown gate_type={gate_type!r}: ste | gumbel_sigmoid")
+
+
+# ----------------------------------------------------------------------------
+# ResNet encoder.
+# ----------------------------------------------------------------------------
+class BasicBlock(nn.Module):
+  """ResNet-18/34 block: two 3x3 convs."""
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(x)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.filters, (3, 3))(y)
+    # Zero-init of the last BN scale makes each block start as identity.
+    y = self.norm(scale_init=nn.initializers.zeros)(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), (self.strides, self.strides),
+                           name="proj_conv")(residual)
+      residual = self.norm(name="proj_bn")(residual)
+    return nn.relu(residual + y)
+
+
+class BottleneckBlock(nn.Module):
+  """ResNet-50 block: 1x1 → 3x3 (strided) → 1x1 with 4x expansion."""
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(y)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.filters * 4, (1, 1))(y)
+    y = self.norm(scale_init=nn.initializers.zeros)(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters * 4, (1, 1),
+                           (self.strides, self.strides),
+                           name="proj_conv")(residual)
+      residual = self.norm(name="proj_bn")(residual)
+    return nn.relu(residual + y)
+
+
+_RESNETS = {
+    "resnet18": ((2, 2, 2, 2), BasicBlock),
+    "resnet50": ((3, 4, 6, 3), BottleneckBlock),
+}
+
+
+class ResNet(nn.Module):
+  """ResNet backbone returning globally pooled features h: (B, d_h).
+
+  d_h = 8·width (ResNet-18) or 32·width (ResNet-50); width 64 is standard.
+  `stage_sizes` overrides the depth (e.g. (1, 1) for a tiny test model).
+  Stem `cifar`: 3x3 conv stride 1, padding 1 (the common choice; the authors'
+  code pads 2), no max-pool. Stem `imagenet`: 7x7/2 conv + 3x3/2 max-pool.
+  """
+  name_or_blocks: str = "resnet18"
+  width: int = 64
+  stem: str = "cifar"
+  stage_sizes: Sequence[int] | None = None
+  dtype: Any = jnp.float32
+
+  @property
+  def feature_dim(self) -> int:
+    sizes, block = _RESNETS[self.name_or_blocks]
+    n_stages = len(self.stage_sizes or sizes)
+    return self.width * 2 ** (n_stages - 1) * block.expansion
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    sizes, block = _RESNETS[self.name_or_blocks]
+    sizes = self.stage_sizes or sizes
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                             padding="SAME",
+                             kernel_init=nn.initializers.variance_scaling(
+                                 2.0, "fan_out", "normal"))
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+    x = x.astype(self.dtype)
+    if self.stem == "cifar":
+      x = conv(self.width, (3, 3), name="stem_conv")(x)
+      x = nn.relu(norm(name="stem_bn")(x))
+    elif self.stem == "imagenet":
+      x = conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
+               name="stem_conv")(x)
+      x = nn.relu(norm(name="stem_bn")(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    else:
+      raise ValueError(f"Unknown stem {self.stem!r}: cifar | imagenet")
+    for i, n_blocks in enumerate(sizes):
+      for j in range(n_blocks):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = block(self.width * 2 ** i, conv=conv, norm=norm,
+                  strides=strides)(x)
+    return jnp.mean(x, axis=(1, 2))
+
+
+class MLP(nn.Module):
+  """Linear(hidden) → ReLU → Linear(out); no BN (the authors' projector)."""
+  hidden: int
+  out: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
+    return nn.Dense(self.out, dtype=self.dtype)(x)
+
+
+# ----------------------------------------------------------------------------
+# The whole model.
+# ----------------------------------------------------------------------------
+class ContrastiveModel(nn.Module):
+  """Backbone + projector (+ gate head) + online linear classifier.
+
+  Outputs (all float32):
+    h:          (B, d_h) backbone features.
+    z:          (B, proj_out) L2-normalised (gated) projector features — the
+                contrastive features and the ones the interpretability
+                metrics read.
+    logits:     (B, num_classes) online classifier on stop_gradient(h).
+    gate_probs: (B, proj_out) p = sigmoid(a/τ) (BayesNCL; else absent).
+    gate_mask:  (B, proj_out) the mask m applied (BayesNCL; else absent).
+  """
+  method: str = "bayesncl"
+  num_classes: int = 10
+  backbone: str = "resnet18"
+  width: int = 64
+  stem: str = "cifar"
+  stage_sizes: Sequence[int] | None = None
+  proj_hidden: int = 2048
+  proj_out: int = 256
+  non_neg: str = "rep_relu"
+  gate_type: str = "gumbel_sigmoid"
+  gate_temperature: float = 1.0
+  gate_threshold: float = 0.5
+  gate_eval_mode: str = "hard"
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.encoder = ResNet(self.backbone, self.width, self.stem,
+                          self.stage_sizes, self.dtype, name="backbone")
+    self.projector = MLP(self.proj_hidden, self.proj_out, self.dtype,
+                         name="projector")
+    if self.method == "bayesncl":
+      self.gate_head = MLP(self.proj_hidden, self.proj_out, self.dtype,
+                           name="gate_head")
+    self.classifier = nn.Dense(self.num_classes, name="classifier")
+
+  def project(self, h: jax.Array, *, train: bool,
+              gate_rng: jax.Array | None = None) -> dict[str, jax.Array]:
+    """The head part of the forward pass (METHOD.md §2.2-2.4) from h."""
+    z = self.projector(h).astype(jnp.float32)
+    # CL is SimCLR: signed features, whatever non_neg says.
+    z = non_negative(z, "none" if self.method == "cl" else self.non_neg)
+    z = l2_normalize(z)
+    out = {}
+    if self.method == "bayesncl":
+      logits = self.gate_head(jax.lax.stop_gradient(h)).astype(jnp.float32)
+      mask, probs = gate_mask(
+          logits, gate_type=self.gate_type, temperature=self.gate_temperature,
+          threshold=self.gate_threshold, train=train,
+          eval_mode=self.gate_eval_mode, rng=gate_rng)
+      z = l2_normalize(z * mask)
+      out.update(gate_probs=probs, gate_mask=mask)
+    out["z"] = z
+    return out
+
+  def __call__(self, x, *, train: bool, gate_rng: jax.Array | None = None):
+    h = self.encoder(x, train=train).astype(jnp.float32)
+    out = self.project(h, train=train, gate_rng=gate_rng)
+    out["h"] = h
+    out["logits"] = self.classifier(jax.lax.stop_gradient(h))
+    return out
+
+
+def model_from_config(config, stage_sizes: Sequence[int] | None = None):
+  """Builds the `ContrastiveModel` a config describes."""
+  m, g = config.model, config.gate
+  stages = stage_sizes or tuple(m.stage_sizes) or None
+  return ContrastiveModel(
+      method=config.method, num_classes=config.dataset.num_classes,
+      backbone=m.backbone, width=m.width, stem=m.stem,
+      stage_sizes=tuple(stages) if stages else None,
+      proj_hidden=m.proj_hidden, proj_out=m.proj_out, non_neg=m.non_neg,
+      gate_type=g.type, gate_temperature=g.temperature,
+      gate_threshold=g.threshold, gate_eval_mode=g.eval_mode,
+      dtype=jnp.dtype(m.dtype))

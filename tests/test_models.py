@@ -1,0 +1,199 @@
+"""Model pieces: non-negativity maps, gates, encoder shapes, gradient flow."""
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import special
+
+from bayesncl_jax import models
+
+X = jnp.array([-2.0, -0.5, -1e-3, 0.0, 0.3, 1.7])
+
+
+def _gelu_np(x):
+  return x * 0.5 * (1 + special.erf(x / math.sqrt(2)))
+
+
+def _gelu_grad_np(x):
+  return 0.5 * (1 + special.erf(x / math.sqrt(2))) + x * np.exp(
+      -x * x / 2) / math.sqrt(2 * math.pi)
+
+
+@pytest.mark.parametrize("kind,fn", [
+    ("none", lambda x: x),
+    ("relu", lambda x: np.maximum(x, 0)),
+    ("rep_relu", lambda x: np.maximum(x, 0)),
+    ("gelu", _gelu_np),
+    ("sigmoid", lambda x: 1 / (1 + np.exp(-x))),
+    ("softplus", lambda x: np.log1p(np.exp(x))),
+    ("exp", np.exp),
+    ("leaky_relu", lambda x: np.where(x > 0, x, 0.01 * x)),
+])
+def test_non_negative_values(kind, fn):
+  np.testing.assert_allclose(models.non_negative(X, kind),
+                             fn(np.asarray(X, np.float64)), rtol=1e-5,
+                             atol=1e-7)
+
+
+def test_rep_relu_has_relu_value_and_gelu_gradient():
+  np.testing.assert_array_equal(models.rep_relu(X), jax.nn.relu(X))
+  grad = jax.vmap(jax.grad(models.rep_relu))(X)
+  np.testing.assert_allclose(grad, _gelu_grad_np(np.asarray(X, np.float64)),
+                             rtol=1e-5, atol=1e-7)
+  # ...which is not ReLU's gradient: negatives still get a signal.
+  assert abs(float(grad[1])) > 0.05
+
+
+def test_non_negative_unknown_kind():
+  with pytest.raises(ValueError, match="allowed"):
+    models.non_negative(X, "abs")
+
+
+def test_l2_normalize_values_and_zero_row():
+  z = jnp.array([[3., 4.], [0., 0.]])
+  np.testing.assert_allclose(models.l2_normalize(z), [[0.6, 0.8], [0, 0]])
+  g = jax.grad(lambda z: models.l2_normalize(z).sum())(z)
+  assert np.all(np.isfinite(g))
+
+
+def test_ste_gate_value_and_straight_through_gradient():
+  a = jnp.array([[-1.0, 0.2, 3.0]])
+  tau = 0.5
+  mask, p = models.gate_mask(a, gate_type="ste", temperature=tau,
+                             threshold=0.5, train=True)
+  want_p = 1 / (1 + np.exp(-np.asarray(a) / tau))
+  np.testing.assert_allclose(p, want_p, rtol=1e-6)
+  np.testing.assert_array_equal(mask, [[0., 1., 1.]])
+  # d mask / d a == d p / d a = p(1-p)/τ (straight-through).
+  g = jax.grad(lambda a: models.gate_mask(
+      a, gate_type="ste", temperature=tau, threshold=0.5, train=True)[0].sum()
+               )(a)
+  np.testing.assert_allclose(g, want_p * (1 - want_p) / tau, rtol=1e-5)
+
+
+def test_gumbel_sigmoid_gate_matches_formula():
+  a = jnp.linspace(-2, 2, 7)[None]
+  rng = jax.random.key(5)
+  mask, p = models.gate_mask(a, gate_type="gumbel_sigmoid", temperature=0.7,
+                             threshold=0.3, train=True, rng=rng)
+  u = np.asarray(jax.random.uniform(rng, a.shape), np.float64)
+  g = -np.log(-np.log(u + 1e-4) + 1e-4)
+  p_noisy = 1 / (1 + np.exp(-(np.asarray(a) + g) / 0.7))
+  np.testing.assert_array_equal(mask, (p_noisy > 0.3).astype(np.float32))
+  # The KL's p is the deterministic one, not the noisy one.
+  np.testing.assert_allclose(p, 1 / (1 + np.exp(-np.asarray(a) / 0.7)),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="needs an rng"):
+    models.gate_mask(a, gate_type="gumbel_sigmoid", temperature=1.0,
+                     threshold=0.5, train=True)
+
+
+def test_eval_gate_uses_trained_temperature_and_threshold_no_noise():
+  a = jnp.array([[0.1, 0.4, 2.0]])
+  # τ = 0.5, threshold 0.6: p = sigmoid(2a) = (0.550, 0.690, 0.982).
+  for gate_type in ("ste", "gumbel_sigmoid"):
+    hard, _ = models.gate_mask(a, gate_type=gate_type, temperature=0.5,
+                               threshold=0.6, train=False)
+    np.testing.assert_array_equal(hard, [[0., 1., 1.]])
+  soft, p = models.gate_mask(a, gate_type="ste", temperature=0.5,
+                             threshold=0.6, train=False, eval_mode="soft")
+  np.testing.assert_allclose(soft, 1 / (1 + np.exp(-2 * np.asarray(a))),
+                             rtol=1e-6)
+
+
+def test_gate_temperature_must_be_positive():
+  with pytest.raises(ValueError, match="temperature must be > 0"):
+    models.gate_mask(jnp.zeros((1, 2)), gate_type="ste", temperature=0.0,
+                     threshold=0.5, train=True)
+
+
+def _param_count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("name,stem,size,expected", [
+    # Standard ResNet parameter counts without the fc layer (torchvision:
+    # resnet18 11,689,512 - fc 513,000; resnet50 25,557,032 - fc 2,049,000);
+    # the CIFAR stem's 3x3 conv has 1,728 weights instead of 9,408.
+    ("resnet18", "imagenet", 224, 11_176_512),
+    ("resnet18", "cifar", 32, 11_176_512 - 9408 + 1728),
+    ("resnet50", "imagenet", 224, 23_508_032),
+])
+def test_resnet_parameter_counts_and_feature_dims(name, stem, size, expected):
+  net = models.ResNet(name, 64, stem)
+  x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: net.init(jax.random.key(0), x,
+                                                train=False), x)
+  assert _param_count(variables["params"]) == expected
+  out = jax.eval_shape(lambda v, x: net.apply(v, x, train=False), variables,
+                       x)
+  assert out.shape == (2, net.feature_dim)
+  assert net.feature_dim == {"resnet18": 512, "resnet50": 2048}[name]
+
+
+def _tiny(method, **kw):
+  return models.ContrastiveModel(
+      method=method, num_classes=3, width=4, stage_sizes=(1, 1),
+      proj_hidden=16, proj_out=8, **kw)
+
+
+@pytest.mark.parametrize("method", ["cl", "ncl", "bayesncl"])
+def test_model_outputs(method):
+  model = _tiny(method, non_neg="relu")
+  x = jax.random.uniform(jax.random.key(0), (6, 8, 8, 3))
+  variables = model.init(jax.random.key(1), x, train=False)
+  assert set(variables) == {"params", "batch_stats"}
+  assert ("gate_head" in variables["params"]) == (method == "bayesncl")
+  out, _ = model.apply(variables, x, train=True,
+                       gate_rng=jax.random.key(2), mutable=["batch_stats"])
+  chex.assert_shape(out["z"], (6, 8))
+  chex.assert_shape(out["h"], (6, 8))  # width 4, 2 stages -> 8
+  chex.assert_shape(out["logits"], (6, 3))
+  norms = np.linalg.norm(np.asarray(out["z"]), axis=1)
+  assert np.all((np.abs(norms - 1) < 1e-5) | (norms == 0))
+  if method == "cl":
+    assert np.any(np.asarray(out["z"]) < 0)  # signed SimCLR features
+  else:
+    assert np.all(np.asarray(out["z"]) >= 0)
+
+
+def test_gate_gives_backbone_no_gradient_and_classifier_none():
+  model = _tiny("bayesncl", non_neg="relu", gate_type="ste")
+  x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
+  variables = model.init(jax.random.key(1), x, train=False)
+
+  def grads_of(fn):
+    def loss(params):
+      out, _ = model.apply({**variables, "params": params}, x, train=True,
+                           mutable=["batch_stats"])
+      return fn(out)
+    return jax.grad(loss)(variables["params"])
+
+  # A loss on the gate probabilities alone trains only the gate head.
+  g = grads_of(lambda o: jnp.sum(o["gate_probs"] ** 2))
+  assert _nonzero(g["gate_head"])
+  for k in ("backbone", "projector", "classifier"):
+    assert not _nonzero(g[k]), k
+  # The online classifier's loss never reaches the backbone.
+  g = grads_of(lambda o: jnp.sum(o["logits"] ** 2))
+  assert _nonzero(g["classifier"]) and not _nonzero(g["backbone"])
+  # The contrastive features do train the backbone.
+  g = grads_of(lambda o: jnp.sum(o["z"] * jnp.arange(8.)))
+  assert _nonzero(g["backbone"]) and _nonzero(g["projector"])
+
+
+def _nonzero(tree):
+  return any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(tree))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs():
+  model = _tiny("bayesncl", dtype=jnp.bfloat16)
+  x = jnp.ones((2, 8, 8, 3))
+  variables = model.init(jax.random.key(0), x, train=False)
+  assert all(v.dtype == jnp.float32
+             for v in jax.tree.leaves(variables["params"]))
+  out = model.apply(variables, x, train=False)
+  assert out["z"].dtype == jnp.float32 and out["h"].dtype == jnp.float32
