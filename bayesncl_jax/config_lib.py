@@ -97,6 +97,37 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses a config argument like "method=ncl,runlocal" (big_vision style).
+
+  Keys must be among `defaults`; values are cast to the default's type; a
+  bare key sets a bool to True.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, eq, value = item.partition("=")
+    if key not in defaults:
+      raise ConfigError(f"Unknown config argument {key!r} in {arg!r}; known: "
+                        f"{', '.join(sorted(defaults))}.")
+    kind = type(defaults[key])
+    if kind is bool:
+      out[key] = (value.lower() in ("1", "true", "yes")) if eq else True
+    else:
+      out[key] = kind(value)
+  return out
+
+
+def from_dict(d: dict) -> ml_collections.ConfigDict:
+  """Rebuilds a config saved as JSON (lists become tuples again)."""
+  def convert(v):
+    if isinstance(v, dict):
+      return ml_collections.ConfigDict({k: convert(x) for k, x in v.items()})
+    if isinstance(v, list):
+      return tuple(convert(x) for x in v)
+    return v
+  return convert(d)
+
+
 class ConfigError(ValueError):
   """A config field holds a value that cannot work."""
 

@@ -1,0 +1,47 @@
+r"""Pre-training entry point.
+
+  python -m bayesncl_jax.main --config=configs/fashion_mnist.py --workdir=DIR
+
+Any config field can be overridden (`--config.optim.total_steps=100`) and
+`configs/<name>.py:method=cl|ncl|bayesncl` selects the method. A workdir that
+holds a checkpoint is resumed automatically.
+
+Multi-process: on Cloud TPU pods every worker runs the same command and JAX
+finds its peers itself; on GPU clusters pass --coordinator_address,
+--num_processes and --process_id (or set the JAX_COORDINATOR_ADDRESS /
+JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables).
+"""
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from bayesncl_jax import distributed
+from bayesncl_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/fashion_mnist.py:method=ncl.",
+    lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and summaries go "
+                    "here (local path or gs:// bucket).")
+distributed.define_flags()
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  distributed.initialize_from_flags()
+  logging.info("JAX process %d/%d, %d local / %d global devices (%s).",
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
+  summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if jax.process_index() == 0:
+    print(train.format_summary(summary), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
