@@ -1,0 +1,98 @@
+"""Config files load, parse their argument, and bad values fail clearly."""
+import pathlib
+
+import pytest
+
+from bayesncl_jax import config_lib
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py"))
+
+
+def load(name, arg=None):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(name, CONFIG_DIR / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_all_four_configs_exist():
+  assert set(CONFIGS) == {"fashion_mnist", "cifar10", "cifar100",
+                          "imagenet100"}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("method", config_lib.METHODS)
+def test_configs_are_valid_for_every_method(name, method):
+  config = load(name, f"method={method}")
+  assert config.method == method
+  config_lib.validate(config, num_devices=8)
+  doc = (CONFIG_DIR / f"{name}.py").read_text()
+  assert "python -m bayesncl_jax.main --config=configs/" in doc
+
+
+def test_authors_hyperparameters():
+  c10, in100 = load("cifar10"), load("imagenet100")
+  assert (c10.optim.base_lr, c10.optim.batch_size, c10.optim.epochs) == (
+      0.4, 256, 200)
+  assert (c10.model.proj_hidden, c10.model.proj_out, c10.model.non_neg) == (
+      2048, 256, "rep_relu")
+  assert (in100.optim.base_lr, in100.optim.batch_size, in100.optim.epochs) == (
+      0.3, 128, 100)
+  assert (in100.model.proj_hidden, in100.model.proj_out,
+          in100.model.non_neg, in100.model.stem) == (16384, 2048, "relu",
+                                                     "imagenet")
+  for c in (c10, in100):
+    assert c.loss.temperature == 0.2
+    assert (c.gate.prior_prob, c.gate.kl_weight, c.gate.lr) == (0.8, 3e-5,
+                                                                0.1)
+    assert (c.optim.trust_coefficient, c.optim.weight_decay,
+            c.optim.momentum) == (0.02, 1e-4, 0.9)
+
+
+def test_unknown_config_argument():
+  with pytest.raises(config_lib.ConfigError, match="Unknown config argument"):
+    load("cifar10", "methd=cl")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("method", "simclr", "config.method='simclr'.*'cl', 'ncl', 'bayesncl'"),
+    ("model.non_neg", "abs", "config.model.non_neg='abs'.*'rep_relu'"),
+    ("gate.type", "concrete", "config.gate.type='concrete'.*'ste'"),
+    ("gate.temperature", 0.0, "config.gate.temperature=0.0 must be > 0"),
+    ("loss.temperature", -0.1, "config.loss.temperature=-0.1 must be > 0"),
+    ("gate.prior_prob", 1.0, "config.gate.prior_prob=1.0 must be strictly"),
+    ("aug.grayscale_prob", 1.5, "config.aug.grayscale_prob=1.5 must be a "
+     "probability"),
+    ("aug.crop_scale", (0.5, 0.2), "config.aug.crop_scale"),
+    ("model.dtype", "float16", "config.model.dtype='float16'"),
+    ("dataset.name", "mnist", "config.dataset.name='mnist'"),
+    ("model.stage_sizes", (1, 0), "config.model.stage_sizes"),
+])
+def test_bad_values_name_field_and_fix(field, value, match):
+  config = config_lib.base_config()
+  *parents, leaf = field.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate(config)
+
+
+def test_batch_not_divisible_by_devices():
+  config = config_lib.base_config()
+  config.optim.batch_size = 100
+  with pytest.raises(config_lib.ConfigError,
+                     match="batch_size=100 is not divisible by the 8 devices"
+                     ".*batch_size=96"):
+    config_lib.validate(config, num_devices=8)
+  config_lib.validate(config, num_devices=4)
+
+
+def test_json_round_trip():
+  config = load("fashion_mnist", "method=ncl")
+  again = config_lib.from_dict(config.to_dict())
+  assert again.to_dict() == config.to_dict()
+  assert isinstance(again.dataset.mean, tuple)
