@@ -1,0 +1,317 @@
+"""SimCLR photometric augmentations on the accelerator (METHOD.md §4).
+
+The BYOL split (STYLE.md): the host decodes images and makes the random
+resized crops and horizontal flips as uint8; everything here — colour jitter,
+grayscale, Gaussian blur, solarisation and normalisation — runs inside the
+jitted train step, one PRNG key per example, vmapped over the batch.
+
+Single-image functions take float32 images in [0, 1] of shape (H, W, C) and
+return the same shape, clipped to [0, 1]. Their semantics follow torchvision's
+functional transforms (`adjust_*`, `rgb_to_grayscale`, `gaussian_blur`,
+`solarize`).
+
+Channels: C == 3 is RGB. C == 1 (Fashion-MNIST) is already gray, so
+brightness and contrast apply as usual while saturation, hue and grayscale are
+exact identities (a one-channel image has no chroma to change). Any other C is
+rejected by the colour ops.
+
+Per-op probabilities of 0 (and jitter strengths of 0) are resolved statically
+in Python: that op is not traced at all, so the output is exactly the input.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+# ITU-R 601-2 luma weights, as in PIL's convert("L") and torchvision.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+# Blur kernel side as a fraction of the image side (SimCLR: 23 px at 224).
+BLUR_KERNEL_FRACTION = 0.1
+
+Array = jax.Array
+
+
+def _check_color_channels(img: Array, op: str) -> int:
+  channels = img.shape[-1]
+  if channels not in (1, 3):
+    raise ValueError(f"{op} needs an image with 1 (gray) or 3 (RGB) "
+                     f"channels, got shape {img.shape}")
+  return channels
+
+
+def _blend(img: Array, other: Array, factor) -> Array:
+  """clip(factor · img + (1 − factor) · other, 0, 1), torchvision's `_blend`."""
+  return jnp.clip(factor * img + (1.0 - factor) * other, 0.0, 1.0)
+
+
+def to_grayscale(img: Array) -> Array:
+  """ITU-R 601-2 luma Y = 0.299 R + 0.587 G + 0.114 B, replicated to C.
+
+  img: (H, W, C) with C in {1, 3}; returns (H, W, C) with equal channels.
+  A C == 1 image is returned unchanged.
+  """
+  if _check_color_channels(img, "to_grayscale") == 1:
+    return img
+  luma = img @ jnp.asarray(LUMA_WEIGHTS, img.dtype)
+  return jnp.broadcast_to(luma[..., None], img.shape)
+
+
+def adjust_brightness(img: Array, factor) -> Array:
+  """clip(factor · img, 0, 1): a blend with a black image. factor ≥ 0."""
+  return jnp.clip(factor * img, 0.0, 1.0)
+
+
+def adjust_contrast(img: Array, factor) -> Array:
+  """Blend with the mean gray level m = mean_{h,w}(Y(img)).
+
+  clip(factor · img + (1 − factor) · m, 0, 1); factor 0 gives the constant
+  image m in every channel. For C == 1, Y is the image itself.
+  """
+  mean = jnp.mean(to_grayscale(img)[..., 0])
+  return _blend(img, mean, factor)
+
+
+def adjust_saturation(img: Array, factor) -> Array:
+  """Blend with the grayscale image: clip(f · img + (1 − f) · Y(img), 0, 1).
+
+  factor 0 gives `to_grayscale(img)`. Identity for C == 1.
+  """
+  if _check_color_channels(img, "adjust_saturation") == 1:
+    return img
+  return _blend(img, to_grayscale(img), factor)
+
+
+def rgb_to_hsv(img: Array) -> Array:
+  """(…, 3) RGB in [0, 1] → (…, 3) HSV, all in [0, 1] (hue in turns).
+
+  v = max, s = (max − min) / max (0 for black), and the hue is the hexcone
+  angle / 6: ((g − b)/Δ mod 6, (b − r)/Δ + 2, (r − g)/Δ + 4) when the max is
+  r, g, b respectively (r wins ties, then g, as in colorsys); 0 for grays.
+  """
+  r, g, b = img[..., 0], img[..., 1], img[..., 2]
+  maxc = jnp.max(img, axis=-1)
+  minc = jnp.min(img, axis=-1)
+  delta = maxc - minc
+  # Safe denominators: the guarded branches are discarded by the `where`s,
+  # but must not produce inf/NaN that could leak into gradients.
+  safe_max = jnp.where(maxc > 0, maxc, 1.0)
+  safe_delta = jnp.where(delta > 0, delta, 1.0)
+  s = jnp.where(maxc > 0, delta / safe_max, 0.0)
+  hue_r = jnp.mod((g - b) / safe_delta, 6.0)
+  hue_g = (b - r) / safe_delta + 2.0
+  hue_b = (r - g) / safe_delta + 4.0
+  h = jnp.where(maxc == r, hue_r, jnp.where(maxc == g, hue_g, hue_b))
+  h = jnp.where(delta > 0, jnp.mod(h / 6.0, 1.0), 0.0)
+  return jnp.stack([h, s, maxc], axis=-1)
+
+
+def hsv_to_rgb(hsv: Array) -> Array:
+  """(…, 3) HSV in [0, 1] → (…, 3) RGB, by the closed form of the hexcone.
+
+  Channel n ∈ {R: 5, G: 3, B: 1}: k = (n + 6h) mod 6 and
+  c_n = v − v · s · clip(min(k, 4 − k), 0, 1).
+  """
+  h, s, v = hsv[..., 0:1], hsv[..., 1:2], hsv[..., 2:3]
+  n = jnp.asarray([5.0, 3.0, 1.0], hsv.dtype)
+  k = jnp.mod(n + 6.0 * h, 6.0)
+  return v - v * s * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
+def adjust_hue(img: Array, delta) -> Array:
+  """Rotates the hue: HSV(img) with h ← (h + delta) mod 1, back to RGB.
+
+  delta in [−0.5, 0.5] turns: 1/3 maps red to green, 0.5 red to cyan.
+  Identity for C == 1.
+  """
+  if _check_color_channels(img, "adjust_hue") == 1:
+    return img
+  hsv = rgb_to_hsv(img)
+  hsv = hsv.at[..., 0].set(jnp.mod(hsv[..., 0] + delta, 1.0))
+  return jnp.clip(hsv_to_rgb(hsv), 0.0, 1.0)
+
+
+def blur_kernel_size(side: int) -> int:
+  """Odd integer nearest to 10% of `side`, at least 3 (224 → 23, 32 → 3)."""
+  return max(3, 2 * math.floor((BLUR_KERNEL_FRACTION * side - 1) / 2 + 0.5)
+             + 1)
+
+
+def gaussian_kernel1d(sigma, kernel_size: int) -> Array:
+  """w_i = exp(−x_i² / (2σ²)) / Σ_j exp(−x_j² / (2σ²)), x_i = i − (k − 1)/2.
+
+  Returns the (kernel_size,) normalised kernel; sigma may be traced.
+  """
+  x = jnp.arange(kernel_size, dtype=jnp.float32) - (kernel_size - 1) / 2
+  w = jnp.exp(-0.5 * jnp.square(x / sigma))
+  return w / jnp.sum(w)
+
+
+def gaussian_blur(img: Array, sigma, kernel_size: int) -> Array:
+  """Separable Gaussian blur with reflect padding (torchvision's choice).
+
+  out = K_W * (K_H * img) with the 1-D kernel of `gaussian_kernel1d`; the
+  borders are padded by kernel_size // 2 pixels mirrored about the edge pixel
+  (numpy "reflect": x[1], x[0] | x[0], x[1], …), so a constant image is left
+  unchanged. Needs kernel_size // 2 < min(H, W). img: (H, W, C).
+  """
+  if kernel_size % 2 != 1 or kernel_size < 1:
+    raise ValueError(f"gaussian_blur needs an odd kernel_size, got "
+                     f"{kernel_size}")
+  height, width = img.shape[0], img.shape[1]
+  pad = kernel_size // 2
+  if pad >= min(height, width):
+    raise ValueError(f"kernel_size={kernel_size} is too large for reflect "
+                     f"padding of an image of shape {img.shape}")
+  w = gaussian_kernel1d(sigma, kernel_size).astype(img.dtype)
+  # A sum of k shifted slices: exact float32 (no TF32 matmul on GPUs) and
+  # k multiply-adds per pixel instead of a dense (H, H) Toeplitz product.
+  padded = jnp.pad(img, ((pad, pad), (0, 0), (0, 0)), mode="reflect")
+  out = sum(w[i] * padded[i:i + height] for i in range(kernel_size))
+  padded = jnp.pad(out, ((0, 0), (pad, pad), (0, 0)), mode="reflect")
+  out = sum(w[i] * padded[:, i:i + width] for i in range(kernel_size))
+  return jnp.clip(out, 0.0, 1.0)
+
+
+def solarize(img: Array, threshold: float = 0.5) -> Array:
+  """Inverts the pixels at or above the threshold: where(x ≥ t, 1 − x, x)."""
+  return jnp.clip(jnp.where(img >= threshold, 1.0 - img, img), 0.0, 1.0)
+
+
+def _check_jitter_strengths(brightness, contrast, saturation, hue):
+  for name, value in (("brightness", brightness), ("contrast", contrast),
+                      ("saturation", saturation)):
+    if value < 0:
+      raise ValueError(f"color jitter {name}={value} must be >= 0")
+  if not 0.0 <= hue <= 0.5:
+    raise ValueError(f"color jitter hue={hue} must be in [0, 0.5]")
+
+
+def sample_color_jitter(rng: Array, brightness: float, contrast: float,
+                        saturation: float, hue: float):
+  """Draws torchvision ColorJitter's random parameters for one image.
+
+  Returns (order, factors): order is a uniformly random permutation of
+  (0 brightness, 1 contrast, 2 saturation, 3 hue), shape (4,) int32; factors
+  is (4,) float32 with b ~ U[max(0, 1 − brightness), 1 + brightness] (same
+  for contrast and saturation) and the hue shift ~ U[−hue, hue].
+  """
+  _check_jitter_strengths(brightness, contrast, saturation, hue)
+  order_key, factor_key = jax.random.split(rng)
+  order = jax.random.permutation(order_key, 4).astype(jnp.int32)
+  lo = jnp.asarray([max(0.0, 1.0 - brightness), max(0.0, 1.0 - contrast),
+                    max(0.0, 1.0 - saturation), -hue], jnp.float32)
+  hi = jnp.asarray([1.0 + brightness, 1.0 + contrast, 1.0 + saturation, hue],
+                   jnp.float32)
+  factors = jax.random.uniform(factor_key, (4,), minval=lo, maxval=hi)
+  return order, factors
+
+
+def apply_color_jitter(img: Array, order: Array, factors: Array, *,
+                       enabled: Sequence[bool] = (True,) * 4) -> Array:
+  """Applies the four jitter ops in `order` with `factors` (see `sample_…`).
+
+  Step t applies op order[t] (0 brightness, 1 contrast, 2 saturation, 3 hue)
+  through `lax.switch` in a `fori_loop`, so the random order needs no Python
+  control flow on traced values. `enabled[j] = False` (a static strength of 0)
+  makes op j the exact identity; for hue this also skips the HSV round trip,
+  which is only identity up to float rounding.
+  """
+  ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+  def branch(j):
+    if not enabled[j]:
+      return lambda x: x
+    return lambda x: ops[j](x, factors[j])
+
+  branches = [branch(j) for j in range(4)]
+  return jax.lax.fori_loop(
+      0, 4, lambda t, x: jax.lax.switch(order[t], branches, x), img)
+
+
+def color_jitter(rng: Array, img: Array, brightness: float, contrast: float,
+                 saturation: float, hue: float) -> Array:
+  """torchvision ColorJitter on one (H, W, C) image in [0, 1].
+
+  Factors drawn as in `sample_color_jitter`, the four ops applied in a random
+  order. A strength of 0 leaves that op out exactly.
+  """
+  order, factors = sample_color_jitter(rng, brightness, contrast, saturation,
+                                       hue)
+  enabled = (brightness > 0, contrast > 0, saturation > 0, hue > 0)
+  return apply_color_jitter(img, order, factors, enabled=enabled)
+
+
+def _mean_std(mean, std, channels: int):
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+  if mean.shape != (channels,) or std.shape != (channels,):
+    raise ValueError(f"mean {mean.shape} and std {std.shape} must have one "
+                     f"entry per image channel ({channels})")
+  return mean, std
+
+
+def normalize(images_uint8: Array, mean, std, dtype=jnp.float32) -> Array:
+  """(x / 255 − mean) / std per channel, cast to `dtype`; no augmentation.
+
+  images_uint8: (…, C) uint8; mean, std: (C,) in [0, 1] units.
+  """
+  mean, std = _mean_std(mean, std, images_uint8.shape[-1])
+  x = images_uint8.astype(jnp.float32) / 255.0
+  return ((x - mean) / std).astype(dtype)
+
+
+def augment_image(rng: Array, img_uint8: Array,
+                  aug_config: ml_collections.ConfigDict, mean, std) -> Array:
+  """The SimCLR photometric chain on one cropped (H, W, C) uint8 image.
+
+  x = img / 255, then in turn, each with its own Bernoulli draw:
+  colour jitter (p = color_jitter_prob), grayscale (grayscale_prob),
+  Gaussian blur (blur_prob; σ ~ U[blur_sigma], kernel `blur_kernel_size` of
+  min(H, W)), solarisation at 0.5 (solarize_prob); finally (x − mean) / std.
+  Returns float32 (H, W, C). Ops are selected with `jnp.where`, so one trace
+  serves every draw; an op with probability 0 is not traced at all.
+  `aug_config.crop_scale` / `hflip_prob` belong to the host pipeline.
+  """
+  c = aug_config
+  x = img_uint8.astype(jnp.float32) / 255.0
+  keys = jax.random.split(rng, 6)
+
+  def maybe(key, prob, op, x):
+    if prob <= 0:
+      return x
+    return jnp.where(jax.random.bernoulli(key, prob), op(x), x)
+
+  x = maybe(keys[0], c.color_jitter_prob,
+            lambda x: color_jitter(keys[1], x, c.brightness, c.contrast,
+                                   c.saturation, c.hue), x)
+  x = maybe(keys[2], c.grayscale_prob, to_grayscale, x)
+  if c.blur_prob > 0:
+    lo, hi = c.blur_sigma
+    sigma = jax.random.uniform(keys[4], (), minval=lo, maxval=hi)
+    kernel_size = blur_kernel_size(min(x.shape[0], x.shape[1]))
+    x = maybe(keys[3], c.blur_prob,
+              lambda x: gaussian_blur(x, sigma, kernel_size), x)
+  x = maybe(keys[5], c.solarize_prob, solarize, x)
+  mean, std = _mean_std(mean, std, x.shape[-1])
+  return (x - mean) / std
+
+
+def augment_batch(rng: Array, images_uint8: Array,
+                  aug_config: ml_collections.ConfigDict, mean, std,
+                  dtype=jnp.float32) -> Array:
+  """`augment_image` on every image of a (B, H, W, C) uint8 batch.
+
+  Example b uses key jax.random.split(rng, B)[b]; with JAX's partitionable
+  threefry these keys, and hence the output, do not depend on how the batch
+  is sharded. Returns (B, H, W, C) normalised images in `dtype`.
+  """
+  keys = jax.random.split(rng, images_uint8.shape[0])
+  # The config and statistics are static Python values: closed over, not
+  # vmapped.
+  out = jax.vmap(lambda key, img: augment_image(key, img, aug_config, mean,
+                                                std))(keys, images_uint8)
+  return out.astype(dtype)
