@@ -1,0 +1,397 @@
+"""Grain input pipelines: two augmented views for pre-training, plain eval.
+
+Host side only does what needs the full-resolution image (METHOD.md §4):
+random resized crop (bicubic) and horizontal flip. Colour jitter, grayscale,
+blur and solarisation run on the accelerator, inside the jitted step.
+
+Pre-training batches (per process, `b = config.optim.batch_size //
+process_count`)::
+
+  {"view1": uint8 (b, S, S, C), "view2": uint8 (b, S, S, C),
+   "label": int32 (b,)}
+
+Eval batches (per process, `b = batch_size // process_count`)::
+
+  {"image": uint8 (b, S, S, C), "label": int32 (b,), "mask": bool (b,)}
+
+Checkpointing the pre-training iterator (a `grain.DatasetIterator`)::
+
+  state = it.get_state()          # small JSON-serialisable dict
+  it = create_pretrain_iterator(config)
+  it.set_state(state)             # next batches = those after the save
+
+or with Orbax: `grain.checkpoint.CheckpointSave(it)` /
+`grain.checkpoint.CheckpointRestore(it)` (one JSON file per process). The
+state is the number of batches consumed, so it restores with any
+`config.dataset.num_workers`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from absl import logging
+import grain
+import jax
+import numpy as np
+from PIL import Image
+
+from bayesncl_jax import datasets
+
+# torchvision RandomResizedCrop defaults.
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+# ImageNet eval: resize the shorter side to S / 0.875, centre crop S.
+EVAL_CROP_FRACTION = 0.875
+
+
+# ----------------------------------------------------------------------------
+# Pure image ops (numpy in, numpy out).
+# ----------------------------------------------------------------------------
+
+
+def random_resized_crop_params(
+    height: int, width: int, scale: tuple[float, float],
+    ratio: tuple[float, float], rng: np.random.Generator,
+) -> tuple[int, int, int, int]:
+  """Crop box `(top, left, h, w)` with torchvision RandomResizedCrop semantics.
+
+  Ten tries of: area fraction ~ U(scale), log aspect ratio (w/h) ~
+  U(log ratio), accepted if the box fits. Otherwise a centre crop of the whole
+  image with its aspect ratio clamped into `ratio`.
+  """
+  area = height * width
+  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+  for _ in range(10):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(log_lo, log_hi))
+    w = int(round(math.sqrt(target_area * aspect)))
+    h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w = width
+    h = int(round(w / min(ratio)))
+  elif in_ratio > max(ratio):
+    h = height
+    w = int(round(h * max(ratio)))
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+  if image.ndim == 3 and image.shape[-1] == 1:
+    return Image.fromarray(image[..., 0], mode="L")
+  if image.ndim == 3 and image.shape[-1] == 3:
+    return Image.fromarray(image, mode="RGB")
+  raise ValueError(f"Expected a uint8 (H, W, 1|3) image, got {image.shape}.")
+
+
+def _from_pil(pil: Image.Image, channels: int) -> np.ndarray:
+  array = np.asarray(pil, dtype=np.uint8)
+  return array[..., None] if channels == 1 else array
+
+
+def resize_bicubic(image: np.ndarray, out_h: int, out_w: int,
+                   box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+  """Bicubic resize of `image` (or of its `(top, left, h, w)` box) to out."""
+  pil_box = None
+  if box is not None:
+    top, left, h, w = box
+    pil_box = (left, top, left + w, top + h)
+  # PIL crops and resizes in one pass (with antialiasing when shrinking,
+  # as torchvision's PIL backend does).
+  resized = _to_pil(image).resize((out_w, out_h), Image.BICUBIC, box=pil_box)
+  return _from_pil(resized, image.shape[-1])
+
+
+def random_resized_crop(image: np.ndarray, size: int,
+                        scale: tuple[float, float], rng: np.random.Generator,
+                        ratio: tuple[float, float] = CROP_RATIO) -> np.ndarray:
+  """RandomResizedCrop to (size, size) with bicubic interpolation."""
+  box = random_resized_crop_params(image.shape[0], image.shape[1], scale,
+                                   ratio, rng)
+  return resize_bicubic(image, size, size, box)
+
+
+def center_crop_resize(image: np.ndarray, size: int,
+                       crop_fraction: float = EVAL_CROP_FRACTION) -> np.ndarray:
+  """Resize the shorter side to round(size / crop_fraction), centre crop."""
+  height, width = image.shape[:2]
+  shorter = int(round(size / crop_fraction))
+  factor = shorter / min(height, width)
+  new_h = max(size, int(round(height * factor)))
+  new_w = max(size, int(round(width * factor)))
+  resized = resize_bicubic(image, new_h, new_w)
+  top, left = (new_h - size) // 2, (new_w - size) // 2
+  return resized[top:top + size, left:left + size]
+
+
+# ----------------------------------------------------------------------------
+# Grain transforms (picklable: they travel to the worker processes).
+# ----------------------------------------------------------------------------
+
+
+class TwoViews(grain.transforms.RandomMap):
+  """Two independent random-resized-crop + flip views of one example."""
+
+  def __init__(self, image_size: int, crop_scale: tuple[float, float],
+               hflip_prob: float):
+    self.image_size = int(image_size)
+    self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+    self.hflip_prob = float(hflip_prob)
+
+  def _view(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    view = random_resized_crop(image, self.image_size, self.crop_scale, rng)
+    if rng.random() < self.hflip_prob:
+      view = view[:, ::-1]
+    return np.ascontiguousarray(view, dtype=np.uint8)
+
+  def random_map(self, element: dict[str, Any],
+                 rng: np.random.Generator) -> dict[str, Any]:
+    image = np.asarray(element["image"], dtype=np.uint8)
+    return {"view1": self._view(image, rng), "view2": self._view(image, rng),
+            "label": np.int32(element["label"])}
+
+
+class EvalExample(grain.transforms.Map):
+  """Index -> preprocessed example of this process's shard, or padding.
+
+  Process p owns the global indices p, p + P, p + 2P, ...; positions past its
+  shard are zero images with label 0 and mask False, so every process yields
+  the same number of full batches.
+  """
+
+  def __init__(self, source, process_index: int, process_count: int,
+               image_size: int, center_crop: bool):
+    self.source = source
+    self.process_index = process_index
+    self.process_count = process_count
+    self.image_size = int(image_size)
+    self.center_crop = center_crop
+    self._channels = None
+
+  def _preprocess(self, image: np.ndarray) -> np.ndarray:
+    size = self.image_size
+    if self.center_crop:
+      return center_crop_resize(image, size)
+    if image.shape[:2] == (size, size):
+      return image
+    return resize_bicubic(image, size, size)
+
+  def map(self, position: int) -> dict[str, Any]:
+    index = self.process_index + int(position) * self.process_count
+    if index < len(self.source):
+      example = self.source[index]
+      image = self._preprocess(np.asarray(example["image"], dtype=np.uint8))
+      return {"image": np.ascontiguousarray(image),
+              "label": np.int32(example["label"]), "mask": np.bool_(True)}
+    if self._channels is None:
+      self._channels = np.asarray(self.source[0]["image"]).shape[-1]
+    return {"image": np.zeros((self.image_size, self.image_size,
+                               self._channels), np.uint8),
+            "label": np.int32(0), "mask": np.bool_(False)}
+
+
+# ----------------------------------------------------------------------------
+# Iterators.
+# ----------------------------------------------------------------------------
+
+
+def _process_index_count(process_index, process_count) -> tuple[int, int]:
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in "
+                     f"[0, process_count={process_count}).")
+  return int(process_index), int(process_count)
+
+
+def _read_options(config) -> grain.ReadOptions:
+  buffer = max(0, int(config.dataset.prefetch_buffer))
+  # Threads compute whole batches; more threads than buffered batches would
+  # sit idle (Grain warns about it).
+  return grain.ReadOptions(num_threads=buffer, prefetch_buffer_size=buffer)
+
+
+def _to_iter_dataset(ds: grain.MapDataset, config) -> grain.IterDataset:
+  ids = ds.to_iter_dataset(_read_options(config))
+  if config.dataset.num_workers > 0:
+    # Worker w computes batches w, w + W, ...; the main process interleaves
+    # them round-robin, so the order does not depend on the worker count.
+    ids = ids.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=int(config.dataset.num_workers),
+        per_worker_buffer_size=max(1, int(config.dataset.prefetch_buffer))))
+  return ids
+
+
+class PretrainIterator(grain.DatasetIterator):
+  """Endless iterator over pre-training batches; checkpointable.
+
+  The state is the number of batches consumed (plus what identifies the
+  stream, checked on restore). `set_state` rebuilds the Grain pipeline
+  starting at that batch: batch k is a pure function of (seed, k), so a
+  restored iterator yields exactly the batches the saved one would have, with
+  any number of workers.
+  """
+
+  def __init__(self, batches: grain.MapDataset, config,
+               identity: dict[str, Any]):
+    super().__init__()
+    self._batches = batches
+    self._config = config
+    self._identity = dict(identity)
+    self._next_batch = 0
+    self._iterator = None
+
+  def _inner(self):
+    if self._iterator is None:
+      ds = self._batches
+      if self._next_batch:
+        ds = ds.slice(slice(self._next_batch, None))
+      self._iterator = iter(_to_iter_dataset(ds, self._config))
+    return self._iterator
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    self._assert_not_closed()
+    batch = next(self._inner())
+    self._next_batch += 1
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {"next_batch": self._next_batch, **self._identity}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    changed = {k: (state.get(k), v) for k, v in self._identity.items()
+               if state.get(k) != v}
+    if changed:
+      # Allowed (e.g. resuming on another number of hosts), but the data
+      # stream is then not the one the checkpointed run would have seen.
+      logging.warning("Restoring the input iterator with different settings "
+                      "(saved, now): %s. The batch count is kept; the exact "
+                      "data order is not.", changed)
+    self._close_inner()
+    self._next_batch = int(state["next_batch"])
+
+  def start_prefetch(self) -> None:
+    self._inner().start_prefetch()
+
+  def _close_inner(self) -> None:
+    if self._iterator is not None:
+      self._iterator.close()
+      self._iterator = None
+
+  def close(self) -> None:
+    self._close_inner()
+    super().close()
+
+  def __str__(self) -> str:
+    return f"PretrainIterator(next_batch={self._next_batch}, {self._identity})"
+
+
+def _process_seed(seed: int, process_index: int) -> int:
+  # Distinct per process: with a shared seed, example k of every shard would
+  # get the same crops and flips.
+  return int(np.random.SeedSequence([int(seed), process_index])
+             .generate_state(1)[0])
+
+
+def create_pretrain_iterator(config, *, process_index: int | None = None,
+                             process_count: int | None = None
+                             ) -> PretrainIterator:
+  """Endless iterator of two-view batches of this process's training shard.
+
+  Each process reads the disjoint shard `source[process_index::process_count]`,
+  shuffled with a fresh permutation every epoch, and yields batches of
+  `config.optim.batch_size // process_count` examples (the last partial batch
+  of an epoch runs into the next epoch). Deterministic given `config.seed`.
+
+  Args:
+    config: the full config (reads `seed`, `dataset.*`, `aug.crop_scale`,
+      `aug.hflip_prob`, `optim.batch_size`).
+    process_index: this process; default `jax.process_index()`.
+    process_count: number of processes; default `jax.process_count()`.
+
+  Returns:
+    A `PretrainIterator`; call `close()` when done (it owns worker processes).
+  """
+  process_index, process_count = _process_index_count(process_index,
+                                                      process_count)
+  batch_size = config.optim.batch_size
+  if batch_size % process_count:
+    raise ValueError(f"config.optim.batch_size={batch_size} is not divisible "
+                     f"by the {process_count} processes.")
+  local_batch = batch_size // process_count
+  source = datasets.get_source(config.dataset, config.dataset.train_split)
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if len(ds) < local_batch:
+    raise ValueError(f"Process {process_index} holds {len(ds)} training "
+                     f"examples, fewer than one batch of {local_batch}.")
+  seed = _process_seed(config.seed, process_index)
+  ds = (ds.seed(seed).shuffle()
+        # Endless; each epoch gets its own permutation and crops.
+        .repeat(None)
+        .random_map(TwoViews(config.dataset.image_size, config.aug.crop_scale,
+                             config.aug.hflip_prob))
+        .batch(local_batch, drop_remainder=True))
+  identity = {"seed": int(config.seed), "process_index": process_index,
+              "process_count": process_count, "local_batch_size": local_batch,
+              "num_examples": len(source),
+              "image_size": int(config.dataset.image_size)}
+  return PretrainIterator(ds, config, identity)
+
+
+def num_eval_batches(config, split: str, batch_size: int, *,
+                     process_count: int | None = None) -> int:
+  """Batches every process yields for `split` (the same on all processes)."""
+  _, process_count = _process_index_count(0, process_count)
+  local_batch = _local_eval_batch(batch_size, process_count)
+  n = datasets.num_examples(config.dataset, split)
+  return math.ceil(math.ceil(n / process_count) / local_batch)
+
+
+def _local_eval_batch(batch_size: int, process_count: int) -> int:
+  if batch_size <= 0 or batch_size % process_count:
+    raise ValueError(f"Eval batch_size={batch_size} must be a positive "
+                     f"multiple of the {process_count} processes.")
+  return batch_size // process_count
+
+
+def create_eval_iterator(config, split: str, batch_size: int, *,
+                         process_index: int | None = None,
+                         process_count: int | None = None):
+  """Finite iterator over `split`, each example exactly once across processes.
+
+  Deterministic order, no augmentation. Images are brought to
+  `config.dataset.image_size` S: ImageNet-100 by resizing the shorter side to
+  round(S / 0.875) and centre-cropping; other datasets are kept as they are
+  when already S x S, else resized (bicubic) to S x S.
+
+  Args:
+    config: the full config.
+    split: split name, e.g. `config.dataset.eval_split`.
+    batch_size: GLOBAL batch size; each process yields
+      `batch_size // process_count` examples per batch.
+    process_index: this process; default `jax.process_index()`.
+    process_count: number of processes; default `jax.process_count()`.
+
+  Returns:
+    A Grain iterator of `num_eval_batches(...)` batches `{"image", "label",
+    "mask"}`; padding examples (only in the last batches) have mask False.
+  """
+  process_index, process_count = _process_index_count(process_index,
+                                                      process_count)
+  local_batch = _local_eval_batch(batch_size, process_count)
+  source = datasets.get_source(config.dataset, split)
+  n_batches = math.ceil(math.ceil(len(source) / process_count) / local_batch)
+  element = EvalExample(source, process_index, process_count,
+                        config.dataset.image_size,
+                        center_crop=config.dataset.name == "imagenet100")
+  ds = (grain.MapDataset.range(n_batches * local_batch).map(element)
+        .batch(local_batch, drop_remainder=True))
+  return iter(_to_iter_dataset(ds, config))
