@@ -173,11 +173,13 @@ def validate(config, num_devices: int | None = None) -> None:
   _choice(config, "gate.type", GATE_TYPES)
   _choice(config, "gate.eval_mode", GATE_EVAL_MODES)
   for path in ("gate.temperature", "loss.temperature", "optim.batch_size",
-               "optim.base_lr", "model.width", "model.proj_hidden",
+               "model.width", "model.proj_hidden",
                "model.proj_out", "dataset.image_size", "dataset.num_classes",
                "log_every", "ckpt_every", "keep_ckpts"):
     _positive(config, path)
-  for path in ("optim.weight_decay", "optim.epochs", "optim.warmup_epochs",
+  # base_lr = 0 freezes backbone and projector: the random-encoder baseline
+  # (the online classifier still trains at classifier_lr).
+  for path in ("optim.base_lr", "optim.weight_decay", "optim.epochs", "optim.warmup_epochs",
                "gate.kl_weight", "gate.lr", "optim.classifier_lr",
                "dataset.num_workers"):
     _positive(config, path, strict=False)

@@ -26,6 +26,9 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and summaries go "
                     "here (local path or gs:// bucket).")
+flags.DEFINE_integer("debug_kill_after_step", None, "Fault injection for "
+                     "resume tests: SIGKILL the process right after the "
+                     "checkpoint of this step is written.")
 distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -38,7 +41,9 @@ def main(argv):
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  summary = train.train_and_evaluate(
+      FLAGS.config, FLAGS.workdir,
+      kill_after_step=FLAGS.debug_kill_after_step)
   if jax.process_index() == 0:
     print(train.format_summary(summary), flush=True)
 

@@ -371,11 +371,14 @@ def _progress(total, initial, enabled):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       *, mesh=None) -> dict[str, Any]:
+                       *, mesh=None, kill_after_step: int | None = None
+                       ) -> dict[str, Any]:
   """Pre-trains (resuming from `workdir` if it holds a checkpoint).
 
   Returns the final summary: last logged training metrics, test-split
-  online accuracy/sparsity, steps, throughput.
+  online accuracy/sparsity, steps, throughput. `kill_after_step` is fault
+  injection for the resume tests: SIGKILL this process once the checkpoint
+  of that step is on disk, as a preempted machine would die.
   """
   setup = build(config, mesh)
   mesh = setup.mesh
@@ -431,6 +434,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           pending, pending_start, t_log = [], done, now
         if ckpt_now or preempted:
           save_checkpoint(mngr, state, data_iter, force=preempted)
+        if kill_after_step == done:
+          mngr.wait_until_finished()
+          os.kill(os.getpid(), signal.SIGKILL)
         if preempted:
           break
   finally:

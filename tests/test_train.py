@@ -1,0 +1,271 @@
+"""The training system end to end: configs, real data, resume, guards."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from bayesncl_jax import config_lib
+from bayesncl_jax import sharding
+from bayesncl_jax import train
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+FMNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
+needs_fmnist = pytest.mark.skipif(
+    not FMNIST.exists(), reason="apt-get install -y dataset-fashion-mnist")
+
+# Tiny model: same code as the real one, fast on a CPU.
+TINY = {"model.width": 4, "model.stage_sizes": (1,), "model.proj_hidden": 32,
+        "model.proj_out": 16, "progress_bar": False}
+
+
+def load_config(name, arg=None, **overrides):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  for key, value in {**TINY, **overrides}.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def cli_args(overrides):
+  args = []
+  for key, value in {**TINY, **overrides}.items():
+    if isinstance(value, tuple):
+      value = "(" + ",".join(map(str, value)) + ("," if len(value) == 1
+                                                 else "") + ")"
+    args.append(f"--config.{key}={value}")
+  return args
+
+
+def run_main(workdir, overrides, *, extra=(), check=True, timeout=600):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "JAX_PLATFORMS": "cpu"}
+  cmd = [sys.executable, "-m", "bayesncl_jax.main",
+         "--config=configs/fashion_mnist.py", f"--workdir={workdir}",
+         *cli_args(overrides), *extra]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+  return proc
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "imagenet100"])
+def test_config_runs_two_steps_on_mock_data(name, tmp_path):
+  config = load_config(
+      name, "method=bayesncl", **{
+          "optim.total_steps": 2, "optim.batch_size": 8, "log_every": 1,
+          "dataset.num_workers": 0, "dataset.image_size": 32,
+          "dataset.data_dir": str(tmp_path / "data"),
+          "model.dtype": "float32"})
+  (tmp_path / "data").mkdir()  # exists but holds no converted ImageNet-100
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  with tfds.testing.mock_data(num_examples=400 if name == "imagenet100"
+                              else 32):
+    summary = train.train_and_evaluate(config, tmp_path / "run", mesh=mesh)
+  assert summary["step"] == 2
+  assert np.isfinite(summary["train_loss"])
+  assert 0.0 <= summary["test_online_acc"] <= 1.0
+  assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
+
+
+@needs_fmnist
+@pytest.mark.parametrize("method", ["cl", "ncl"])
+def test_fashion_mnist_config_runs_each_method(method, tmp_path):
+  config = load_config("fashion_mnist", f"method={method}", **{
+      "optim.total_steps": 2, "optim.batch_size": 16, "log_every": 1,
+      "dataset.max_train_examples": 64})
+  summary = train.train_and_evaluate(
+      config, tmp_path, mesh=sharding.make_mesh(jax.devices()[:1]))
+  assert summary["method"] == method and summary["step"] == 2
+  assert ("train_kl" in summary) is False
+
+
+@needs_fmnist
+def test_real_fashion_mnist_learns_checkpoints_and_resumes(tmp_path):
+  overrides = {"optim.total_steps": 40, "optim.batch_size": 64,
+               "log_every": 5, "ckpt_every": 20,
+               "dataset.max_train_examples": 2048}
+  config = load_config("fashion_mnist", **overrides)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  config.optim.total_steps = 20  # first leg stops at 20 ...
+  config.optim.epochs = 0  # (total_steps drives the schedule)
+  config.optim.warmup_epochs = 0
+  first = train.train_and_evaluate(config, tmp_path, mesh=mesh)
+  assert first["step"] == 20
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["20"]
+  config.optim.total_steps = 40  # ... the second resumes there.
+  second = train.train_and_evaluate(config, tmp_path, mesh=mesh)
+  assert second["step"] == 40
+  logged = read_jsonl(tmp_path / "metrics.jsonl")
+  assert [m["step"] for m in logged] == list(range(5, 45, 5))
+  losses = [m["loss"] for m in logged]
+  assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.05, losses
+  assert set(logged[0]) >= {"loss", "nce", "kl", "online_acc",
+                            "gate_open_rate", "sparsity", "lr",
+                            "images_per_sec", "grad_norm"}
+  assert (tmp_path / "tensorboard").is_dir()
+  assert json.load(open(tmp_path / "summary.json"))["step"] == 40
+
+
+def _equal_params(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@needs_fmnist
+def test_sigkill_resume_is_bitwise_identical(tmp_path):
+  k = 3
+  overrides = {"optim.total_steps": 2 * k, "optim.batch_size": 16,
+               "log_every": 1, "ckpt_every": k,
+               "dataset.max_train_examples": 256}
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  run_main(straight, overrides)
+  proc = run_main(killed, overrides, extra=[f"--debug_kill_after_step={k}"],
+                  check=False)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  assert not (killed / "summary.json").exists()
+  run_main(killed, overrides)  # resumes from step k
+  # Same batches and augmentations: identical losses at every step ...
+  a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(
+      killed / "metrics.jsonl")
+  assert [m["step"] for m in b] == list(range(1, 2 * k + 1))
+  for ma, mb in zip(a, b):
+    assert ma["loss"] == mb["loss"] and ma["nce"] == mb["nce"], (ma, mb)
+  # ... and bitwise identical final parameters.
+  config = load_config("fashion_mnist", **overrides)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  setup = train.build(config, mesh)
+  states = []
+  for wd in (straight, killed):
+    mngr = train.checkpoint_manager(wd, config)
+    assert mngr.latest_step() == 2 * k
+    states.append(train.restore_checkpoint(mngr, setup, None,
+                                           restore_data=False))
+    mngr.close()
+  _equal_params(states[0].params, states[1].params)
+  _equal_params(states[0].opt_state, states[1].opt_state)
+
+
+@needs_fmnist
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  overrides = {"optim.total_steps": 100000, "optim.batch_size": 16,
+               "log_every": 1, "ckpt_every": 100000,
+               "dataset.max_train_examples": 256}
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "bayesncl_jax.main",
+       "--config=configs/fashion_mnist.py", f"--workdir={tmp_path}",
+       *cli_args(overrides)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 300
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    assert time.time() < deadline, "training never started"
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  steps = [int(s) for s in os.listdir(tmp_path / "checkpoints")]
+  assert len(steps) == 1 and 2 <= steps[0] < 100000
+  assert "SIGTERM received" in stderr
+
+
+@needs_fmnist
+def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path):
+  # An absurd learning rate makes the parameters overflow within a few steps.
+  config = load_config("fashion_mnist", **{
+      "optim.total_steps": 12, "optim.batch_size": 16, "log_every": 1,
+      "ckpt_every": 2, "dataset.max_train_examples": 128,
+      "optim.base_lr": 1e30, "optim.clip_lr": False,
+      "optim.trust_coefficient": 1e30, "optim.warmup_epochs": 0})
+  with pytest.raises(train.NonFiniteLossError, match="Non-finite loss") as e:
+    train.train_and_evaluate(config, tmp_path,
+                             mesh=sharding.make_mesh(jax.devices()[:1]))
+  bad_step = int(str(e.value).split("at step ")[1].split(".")[0])
+  saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
+  assert all(s <= bad_step for s in saved)
+  if saved:  # every checkpoint kept holds finite parameters
+    setup = train.build(config, sharding.make_mesh(jax.devices()[:1]))
+    mngr = train.checkpoint_manager(tmp_path, config)
+    state = train.restore_checkpoint(mngr, setup, None, restore_data=False)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+
+
+@needs_fmnist
+def test_corrupt_or_incompatible_checkpoint_is_a_clear_error(tmp_path):
+  overrides = {"optim.total_steps": 2, "optim.batch_size": 16,
+               "log_every": 1, "ckpt_every": 2,
+               "dataset.max_train_examples": 64}
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  train.train_and_evaluate(load_config("fashion_mnist", **overrides),
+                           tmp_path, mesh=mesh)
+  # A different model width cannot be restored into: no silent fresh start.
+  wider = load_config("fashion_mnist", **{**overrides,
+                                          "optim.total_steps": 4,
+                                          "model.width": 8})
+  with pytest.raises(train.CheckpointError, match="incompatible config"):
+    train.train_and_evaluate(wider, tmp_path, mesh=mesh)
+  # Truncate every array file of the checkpoint.
+  for path in (tmp_path / "checkpoints").rglob("*"):
+    if path.is_file() and "state" in str(path) and path.stat().st_size > 0:
+      path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+  config = load_config("fashion_mnist", **{**overrides,
+                                           "optim.total_steps": 4})
+  with pytest.raises(train.CheckpointError, match="corrupt"):
+    train.train_and_evaluate(config, tmp_path, mesh=mesh)
+
+
+@needs_fmnist
+def test_train_step_on_8_devices_equals_1_device():
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 simulated devices")
+  config = load_config("fashion_mnist", **{"optim.batch_size": 16,
+                                           "dataset.max_train_examples": 64})
+  rng = np.random.default_rng(0)
+  batch = {"view1": rng.integers(0, 256, (16, 28, 28, 1), np.uint8),
+           "view2": rng.integers(0, 256, (16, 28, 28, 1), np.uint8),
+           "label": rng.integers(0, 10, (16,)).astype(np.int32)}
+  results = []
+  for n in (1, 8):
+    setup = train.build(config, sharding.make_mesh(jax.devices()[:n]))
+    state = train.init_state(setup, jax.random.key(0))
+    step = train.make_train_step(setup)
+    for _ in range(2):
+      state, metrics = step(state, sharding.make_global_batch(
+          batch, setup.mesh), jax.random.key(1))
+    results.append((jax.device_get(state), jax.device_get(metrics)))
+  (s1, m1), (s8, m8) = results
+  chex.assert_trees_all_close(m1, m8, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(s1.params, s8.params, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(s1.batch_stats, s8.batch_stats, rtol=1e-5,
+                              atol=1e-6)
+
+
+def test_invalid_config_fails_before_compiling(tmp_path):
+  config = load_config("fashion_mnist", **{"optim.batch_size": 12})
+  with pytest.raises(config_lib.ConfigError, match="not divisible by the 8"):
+    train.build(config, sharding.make_mesh(jax.devices()[:8]))
