@@ -118,6 +118,22 @@ def gate_mask(logits: jax.Array, *, gate_type: str, temperature: float,
 # ----------------------------------------------------------------------------
 # ResNet encoder.
 # ----------------------------------------------------------------------------
+def _add_shortcut(block: nn.Module, residual, y):
+  """relu(shortcut(x) + BN(y)) for a block's last conv output y.
+
+  Called inside the block's compact __call__, so the modules it creates
+  belong to the block. Zero-init of the last BN scale makes each block start
+  as the identity; the shortcut is a strided 1x1 conv + BN where the shape
+  changes.
+  """
+  y = block.norm(scale_init=nn.initializers.zeros)(y)
+  if residual.shape != y.shape:
+    residual = block.conv(y.shape[-1], (1, 1), (block.strides, block.strides),
+                          name="proj_conv")(residual)
+    residual = block.norm(name="proj_bn")(residual)
+  return nn.relu(residual + y)
+
+
 class BasicBlock(nn.Module):
   """ResNet-18/34 block: two 3x3 convs."""
   filters: int
@@ -132,13 +148,7 @@ class BasicBlock(nn.Module):
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(x)
     y = nn.relu(self.norm()(y))
     y = self.conv(self.filters, (3, 3))(y)
-    # Zero-init of the last BN scale makes each block start as identity.
-    y = self.norm(scale_init=nn.initializers.zeros)(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters, (1, 1), (self.strides, self.strides),
-                           name="proj_conv")(residual)
-      residual = self.norm(name="proj_bn")(residual)
-    return nn.relu(residual + y)
+    return _add_shortcut(self, residual, y)
 
 
 class BottleneckBlock(nn.Module):
@@ -156,13 +166,7 @@ class BottleneckBlock(nn.Module):
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(y)
     y = nn.relu(self.norm()(y))
     y = self.conv(self.filters * 4, (1, 1))(y)
-    y = self.norm(scale_init=nn.initializers.zeros)(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters * 4, (1, 1),
-                           (self.strides, self.strides),
-                           name="proj_conv")(residual)
-      residual = self.norm(name="proj_bn")(residual)
-    return nn.relu(residual + y)
+    return _add_shortcut(self, residual, y)
 
 
 _RESNETS = {
