@@ -1,0 +1,103 @@
+"""Smoke tests of bench/: each benchmark runs in a tiny mode as a subprocess.
+
+They check that the printed `JSON {...}` records parse and hold the expected
+keys with positive numbers — not the speed, which depends on the machine.
+The benchmarks run as subprocesses because they set XLA_FLAGS / read absl
+flags themselves, as they do when run by hand.
+"""
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+# A ResNet-18 (standard depth) at width 8 with a small projector: the real
+# code paths at a fraction of the compile and run time.
+TINY_MODEL = ["--backbones=resnet18", "--image_sizes=32", "--width=8",
+              "--proj_hidden=32", "--proj_out=16", "--batch_size=4",
+              "--steps=2", "--warmup=1"]
+
+
+def _run(script: str, *args: str, timeout: int = 120) -> list[dict]:
+  env = dict(os.environ)
+  # conftest asks for 8 simulated devices; the benchmarks choose their own.
+  env.pop("XLA_FLAGS", None)
+  env["JAX_PLATFORMS"] = "cpu"
+  done = subprocess.run([sys.executable, str(BENCH / script), *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  records = [json.loads(line[len("JSON "):])
+             for line in done.stdout.splitlines() if line.startswith("JSON ")]
+  assert records, done.stdout
+  for r in records:
+    env_info = r["env"]
+    assert env_info["command"].startswith("python ")
+    assert env_info["jax"] and env_info["device_kind"]
+  return records
+
+
+def _positive(record: dict, *keys: str):
+  for k in keys:
+    assert isinstance(record[k], (int, float)) and record[k] > 0, (k, record)
+
+
+@pytest.fixture(scope="module")
+def step_records():
+  """One run of step_throughput (with --torch eager if torch is there)."""
+  extra = ["--torch", "--torch_variants=eager"] if HAS_TORCH else []
+  return _run("step_throughput.py", "--methods=bayesncl", *TINY_MODEL,
+              "--peak_flops=1e12", *extra)
+
+
+def test_step_throughput_jax(step_records):
+  (r,) = [r for r in step_records if r["framework"] == "jax"]
+  assert (r["method"], r["backbone"], r["image_size"], r["dtype"]) == (
+      "bayesncl", "resnet18", 32, "float32")
+  assert r["timed_steps"] == 2
+  _positive(r, "images_per_sec_per_device", "median_ms", "compile_s",
+            "flops_per_step_per_device", "peak_bytes", "temp_bytes")
+  # MFU = model FLOPs per second / the --peak_flops given (1 TFLOP/s).
+  assert r["mfu"] == pytest.approx(
+      r["flops_per_step_per_device"] / (r["median_ms"] / 1e3) / 1e12)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed (it is a "
+                    "benchmark-only dependency: pip install -r "
+                    "requirements-bench.txt)")
+def test_step_throughput_torch_eager(step_records):
+  (r,) = [r for r in step_records if r["framework"] == "torch"]
+  assert r["variant"] == "eager" and r["env"]["torch"]
+  _positive(r, "images_per_sec_per_device", "median_ms",
+            "jax_over_torch_throughput")
+
+
+def test_input_pipeline_bench():
+  records = _run("input_pipeline_bench.py", "--num_images=10",
+                 "--num_classes=2", "--jpeg_size=160x120", "--image_size=32",
+                 "--batch_size=4", "--batches=2", "--workers=0,1",
+                 "--aug_batch=4", "--aug_steps=2")
+  host = [r for r in records if r["bench"] == "host_pipeline"]
+  assert [r["workers"] for r in host] == [0, 1]
+  for r in host:
+    _positive(r, "images_per_sec", "cpu_ms_per_image",
+              "host_cores_per_accelerator", "mean_jpeg_kib")
+  (aug,) = [r for r in records if r["bench"] == "device_augment"]
+  _positive(aug, "ms_per_image", "median_ms")
+
+
+def test_loss_scaling():
+  records = _run("loss_scaling.py", "--rows=32,64", "--dim=16",
+                 "--devices=1,2", "--steps=2")
+  assert sorted((r["num_devices"], r["rows"]) for r in records) == [
+      (1, 32), (1, 64), (2, 32), (2, 64)]
+  for r in records:
+    assert r["env"]["num_devices"] == 2  # XLA_FLAGS set by the script.
+    _positive(r, "temp_bytes", "median_ms", "full_sim_bytes")
