@@ -18,9 +18,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
-# A ResNet-18 (standard depth) at width 8 with a small projector: the real
-# code paths at a fraction of the compile and run time.
+# ResNet-18's block and four stages, one block each, at width 8 with a small
+# projector: the real code paths at a fraction of the compile time (compile
+# time, not FLOPs, dominates a CPU smoke run).
 TINY_MODEL = ["--backbones=resnet18", "--image_sizes=32", "--width=8",
+              "--stage_sizes=1,1,1,1",
               "--proj_hidden=32", "--proj_out=16", "--batch_size=4",
               "--steps=2", "--warmup=1"]
 
