@@ -4,10 +4,19 @@ Single process (a laptop, one GPU host driving all its GPUs): nothing to do.
 Cloud TPU pod: every worker runs the same command; JAX detects the pod.
 GPU clusters: --coordinator_address=host:port --num_processes=N
 --process_id=i on every process (or the JAX_* environment variables).
+
+With an explicit coordinator address, the processes first meet in a small
+TCP handshake on the coordinator's port (`rendezvous`), then call
+`jax.distributed.initialize`. Why: when a peer never starts, XLA's
+coordination client does not raise, it aborts the whole process
+(SIGABRT, "another task died ... DEADLINE_EXCEEDED") — a misleading crash
+instead of an error saying which process is missing.
 """
 from __future__ import annotations
 
 import os
+import socket
+import time
 
 from absl import flags
 from absl import logging
@@ -43,7 +52,9 @@ def initialize(coordinator_address: str | None = None,
   """Joins the multi-process runtime when there is one; returns whether.
 
   A process that cannot reach the others within `timeout` seconds raises a
-  RuntimeError that says which settings to check, instead of hanging.
+  RuntimeError that says which settings to check, instead of hanging; with
+  an explicit coordinator address it is a RendezvousError that names the
+  processes that never joined (see `rendezvous`).
   """
   coordinator_address = coordinator_address or os.environ.get(
       "JAX_COORDINATOR_ADDRESS")
@@ -65,6 +76,8 @@ def initialize(coordinator_address: str | None = None,
   if num_processes is not None and not 0 <= process_id < num_processes:
     raise ValueError(f"--process_id={process_id} must be in "
                      f"[0, {num_processes}).")
+  if coordinator_address is not None and num_processes > 1:
+    rendezvous(coordinator_address, num_processes, process_id, timeout)
   logging.info("jax.distributed.initialize(%s, %s, %s)", coordinator_address,
                num_processes, process_id)
   try:
@@ -79,6 +92,157 @@ def initialize(coordinator_address: str | None = None,
         "pods: --worker=all), with the same --coordinator_address and "
         "--num_processes, and is the coordinator's port reachable?") from e
   return True
+
+
+class RendezvousError(RuntimeError):
+  """The processes of a multi-process run did not all join, or disagree."""
+
+
+_HINT = ("Start the same command on all {n} processes with the same "
+         "--coordinator_address and --num_processes and distinct "
+         "--process_id in [0, {n}); the coordinator's port must be reachable "
+         "from every host.")
+# Seconds between connection attempts of a process waiting for process 0.
+_RETRY_S = 0.2
+# A connected process waits this much past its own deadline for process 0's
+# verdict: process 0 started its clock at another moment, and its answer
+# says which processes are missing.
+_REPLY_GRACE_S = 5.0
+
+
+def _split_address(address: str) -> tuple[str, int]:
+  host, sep, port = address.rpartition(":")
+  if not sep or not port.isdigit():
+    raise ValueError(f"--coordinator_address={address!r} must be host:port.")
+  return host.strip("[]"), int(port)
+
+
+def _read_line(conn: socket.socket, deadline: float) -> str:
+  """One newline-terminated ASCII line; "" on EOF or when `deadline` passes."""
+  data = b""
+  while not data.endswith(b"\n"):
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+      return ""
+    conn.settimeout(remaining)
+    try:
+      chunk = conn.recv(256)
+    except (socket.timeout, OSError):
+      return ""
+    if not chunk:
+      return ""
+    data += chunk
+  return data.decode("ascii", "replace").strip()
+
+
+def rendezvous(coordinator_address: str, num_processes: int, process_id: int,
+               timeout: float) -> None:
+  """Returns once all `num_processes` processes are up; else raises.
+
+  Process 0 listens on the coordinator's port; every other process connects
+  (retrying until process 0 is up) and sends `JOIN <id> <num_processes>`.
+  When all have joined, process 0 answers `GO` to each, waits for them to
+  hang up (so that no socket of its side lingers on the port) and closes the
+  port for `jax.distributed.initialize` to bind it. On a time-out process 0
+  answers `MISSING <ids>` to those that came, and every process raises a
+  RendezvousError naming the processes that never joined.
+  """
+  deadline = time.monotonic() + timeout
+  host, port = _split_address(coordinator_address)
+  hint = _HINT.format(n=num_processes)
+  if process_id == 0:
+    _coordinate(port, num_processes, timeout, deadline, hint)
+    return
+  conn = None
+  while conn is None:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+      raise RendezvousError(
+          f"Process {process_id} of {num_processes} timed out after "
+          f"{timeout:g}s: the coordinator, process 0, never answered at "
+          f"{coordinator_address} (it was not started, has crashed, or the "
+          f"address is wrong). {hint}")
+    try:
+      conn = socket.create_connection((host, port), timeout=remaining)
+    except OSError:  # refused: process 0 not listening (yet).
+      time.sleep(min(_RETRY_S, max(0.0, deadline - time.monotonic())))
+  with conn:
+    conn.sendall(f"JOIN {process_id} {num_processes}\n".encode())
+    reply = _read_line(conn, deadline + _REPLY_GRACE_S)
+  if reply == "GO":
+    return
+  if reply.startswith("MISSING "):
+    raise RendezvousError(
+        f"Process {process_id} of {num_processes} timed out after "
+        f"{timeout:g}s: process(es) {reply[len('MISSING '):]} never joined "
+        f"the coordinator at {coordinator_address}. {hint}")
+  if reply.startswith("ERROR "):
+    raise RendezvousError(
+        f"Process {process_id}: the coordinator at {coordinator_address} "
+        f"refused it: {reply[len('ERROR '):]}. {hint}")
+  raise RendezvousError(
+      f"Process {process_id} of {num_processes} timed out after {timeout:g}s: "
+      f"it reached {coordinator_address}, but the coordinator never "
+      f"confirmed that all {num_processes} processes joined. {hint}")
+
+
+def _coordinate(port: int, num_processes: int, timeout: float,
+                deadline: float, hint: str) -> None:
+  """Process 0's side of `rendezvous`."""
+  if socket.has_dualstack_ipv6():
+    server = socket.create_server(("", port), family=socket.AF_INET6,
+                                  dualstack_ipv6=True)
+  else:
+    server = socket.create_server(("", port))
+  joined: dict[int, socket.socket] = {}
+  try:
+    with server:
+      while len(joined) < num_processes - 1:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+          break
+        server.settimeout(remaining)
+        try:
+          conn, _ = server.accept()
+        except socket.timeout:
+          break
+        words = _read_line(conn, deadline).split()
+        if (len(words) != 3 or words[0] != "JOIN"
+            or not (words[1].isdigit() and words[2].isdigit())):
+          conn.close()  # not one of ours (a port scanner, a stale job).
+          continue
+        pid, count = int(words[1]), int(words[2])
+        problem = None
+        if count != num_processes:
+          problem = (f"it says --num_processes={count}, process 0 says "
+                     f"{num_processes}")
+        elif not 0 < pid < num_processes or pid in joined:
+          problem = f"--process_id={pid} is out of range or already taken"
+        if problem:
+          conn.sendall(f"ERROR {problem}\n".encode())
+          conn.close()
+          raise RendezvousError(
+              f"Process 0: a process joined with a wrong setting: {problem}. "
+              f"{hint}")
+        joined[pid] = conn
+      missing = sorted(set(range(1, num_processes)) - set(joined))
+      if missing:
+        names = ", ".join(map(str, missing))
+        for conn in joined.values():
+          conn.sendall(f"MISSING {names}\n".encode())
+        raise RendezvousError(
+            f"Process 0 of {num_processes} (the coordinator, port {port}) "
+            f"timed out after {timeout:g}s: process(es) {names} never "
+            f"joined. {hint}")
+      for conn in joined.values():
+        conn.sendall(b"GO\n")
+      for conn in joined.values():
+        # EOF once the peer hung up; the peer's side keeps the TIME_WAIT.
+        _read_line(conn, time.monotonic() + 5.0)
+  finally:
+    for conn in joined.values():
+      conn.close()
+  logging.info("All %d processes joined on port %d.", num_processes, port)
 
 
 def initialize_from_flags() -> bool:
