@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging as py_logging
 import math
 import os
 import sys
@@ -51,6 +50,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from bayesncl_jax import cli
 from bayesncl_jax import augment
 from bayesncl_jax import config_lib
 from bayesncl_jax import datasets
@@ -587,20 +587,10 @@ def options_from_flags() -> EvalOptions:
       out_dir=FLAGS.out_dir)
 
 
-class _QuietLibraries(py_logging.Filter):
-  """Drops the INFO chatter of Orbax/Grain (as bayesncl_jax.main does)."""
-  _NOISY = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/etils/")
-
-  def filter(self, record):
-    return record.levelno >= py_logging.WARNING or not any(
-        part in record.pathname for part in self._NOISY)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if logging.get_verbosity() <= logging.INFO:
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+  cli.quiet_library_logs()
   from bayesncl_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize_from_flags()
   try:

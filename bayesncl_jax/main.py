@@ -11,14 +11,13 @@ finds its peers itself; on GPU clusters pass --coordinator_address,
 --num_processes and --process_id (or set the JAX_COORDINATOR_ADDRESS /
 JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables).
 """
-import logging as py_logging
-
 from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
 
+from bayesncl_jax import cli
 from bayesncl_jax import distributed
 from bayesncl_jax import train
 
@@ -35,20 +34,10 @@ distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(py_logging.Filter):
-  """Drops INFO chatter of Orbax/Grain/TFDS; their warnings still show."""
-  _NOISY = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/etils/")
-
-  def filter(self, record):
-    return record.levelno >= py_logging.WARNING or not any(
-        part in record.pathname for part in self._NOISY)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if logging.get_verbosity() <= logging.INFO:
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+  cli.quiet_library_logs()
   distributed.initialize_from_flags()
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).",
                jax.process_index(), jax.process_count(),
