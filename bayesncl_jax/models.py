@@ -58,12 +58,20 @@ def non_negative(z: jax.Array, kind: str) -> jax.Array:
 
 
 def l2_normalize(z: jax.Array, eps: float = NORM_EPS) -> jax.Array:
-  """z / max(||z||, eps) over the last axis.
+  """z / max(||z||, eps) over the last axis; no gradient where ||z|| < eps.
 
-  Written as rsqrt(max(||z||², eps²)) so an all-zero row (every gate closed)
-  has a zero, not NaN, gradient: the max routes the gradient to the constant.
+  The value is METHOD.md's. Its derivative inside the eps-ball is 1/eps
+  (1e12): an all-zero row — every gate closed, or every ReLU output zero,
+  which small gated models produce now and then — would send a 1e12-scaled
+  gradient into the projector and backbone, and the BatchNorm and bias
+  parameters (not rescaled by LARS) blow up. That slope is an artefact of
+  eps, so such rows get a zero gradient instead. (The authors' fp16 grad
+  scaler hides the same spike by skipping the overflowing step.)
   """
   sq = jnp.sum(jnp.square(z), axis=-1, keepdims=True)
+  inside = sq < eps * eps
+  z = jnp.where(inside, jax.lax.stop_gradient(z), z)
+  # max(): the norm's own gradient goes to the constant inside the ball.
   return z * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 

@@ -17,7 +17,6 @@ from typing import Any, Callable
 from absl import logging
 import flax
 import flax.struct
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -185,15 +184,31 @@ def checkpoint_manager(workdir, config) -> ocp.CheckpointManager:
 
 
 def save_checkpoint(mngr, state: TrainState, data_iter, *, force=False):
+  """Saves the state and the data position (one small JSON, process 0)."""
   step = int(jax.device_get(state.step))
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
-      data=grain.checkpoint.CheckpointSave(data_iter)), force=force)
+      data=ocp.args.JsonSave(data_iter.get_state())), force=force)
+
+
+def _restore_data_state(mngr, step) -> dict:
+  """The saved iterator state (one JSON; or grain's per-process files)."""
+  item_dir = epath.Path(mngr.directory) / str(step) / "data"
+  legacy = sorted(item_dir.glob("process_*-of-*.json"))
+  if legacy:
+    # Written by grain.checkpoint.CheckpointSave (before the iterator state
+    # became global): every process stored the same batch count.
+    return json.loads(legacy[0].read_text())
+  return mngr.restore(step, args=ocp.args.Composite(
+      data=ocp.args.JsonRestore()))["data"]
 
 
 def restore_checkpoint(mngr, setup: Setup, data_iter, step=None,
                        restore_data=True) -> TrainState:
   """Restores the state (into the current sharding) and the data position.
+
+  The data position is the global batch count, so a checkpoint written by
+  any number of processes and devices resumes on any other.
 
   Any failure — a truncated file, a config whose shapes differ — becomes a
   CheckpointError naming the directory and what to do; never a silent
@@ -203,11 +218,11 @@ def restore_checkpoint(mngr, setup: Setup, data_iter, step=None,
   target = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       setup.abstract_state, setup.state_sharding)
-  items = {"state": ocp.args.StandardRestore(target)}
-  if restore_data:
-    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
   try:
-    restored = mngr.restore(step, args=ocp.args.Composite(**items))
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))
+    if restore_data:
+      data_iter.set_state(_restore_data_state(mngr, step))
   except Exception as e:  # Orbax raises many types; all mean the same here.
     raise CheckpointError(
         f"Could not restore the checkpoint at step {step} in "

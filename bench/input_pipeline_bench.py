@@ -14,8 +14,12 @@ Host cost is measured as CPU seconds (this process and its Grain worker
 processes, from psutil) per image as well as wall time: on a shared 2-core
 machine wall time is bounded by the cores, CPU time per image is what scales.
 
+`--resize_shorter=0,256` compares full-resolution records with records
+pre-resized by `prepare_imagenet100 --resize_shorter=256`; a per-stage line
+splits the host cost into JPEG decode and the two crops.
+
   python bench/input_pipeline_bench.py --num_images=256 --workers=0,1,2 \
-      --step_images_per_sec=3000
+      --resize_shorter=0,256 --step_images_per_sec=3000
 """
 from __future__ import annotations
 
@@ -43,6 +47,11 @@ def parse_args(argv=None):
   p.add_argument("--batches", type=int, default=16,
                  help="Timed batches per worker count (after one untimed).")
   p.add_argument("--workers", default="0,1,2")
+  p.add_argument("--resize_shorter", default="0",
+                 help="Comma-separated prepare_imagenet100 --resize_shorter "
+                 "values to compare (0 = full resolution).")
+  p.add_argument("--stage_images", type=int, default=64,
+                 help="Images of the per-stage (decode / two crops) timing.")
   p.add_argument("--aug_batch", type=int, default=32,
                  help="Batch of the on-device augmentation timing.")
   p.add_argument("--aug_steps", type=int, default=5)
@@ -83,14 +92,55 @@ def make_jpegs(root: str, num_images: int, num_classes: int, size: str
   return classes_file, sum(sizes) / len(sizes) / 1024
 
 
-def convert(root: str, classes_file: str) -> str:
-  out = os.path.join(root, "ar")
+def convert(root: str, classes_file: str, resize_shorter: int) -> str:
+  out = os.path.join(root, f"ar_{resize_shorter}")
   subprocess.run(
       [sys.executable, "-m", "bayesncl_jax.prepare_imagenet100",
        f"--src={os.path.join(root, 'src')}", f"--out={out}",
-       f"--classes_file={classes_file}", "--num_workers=1"],
+       f"--classes_file={classes_file}", "--num_workers=1",
+       f"--resize_shorter={resize_shorter}"],
       check=True, capture_output=True, text=True)
   return out
+
+
+def _imagenet100_config(data_dir: str, workers: int, args):
+  from bayesncl_jax import config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config()
+  c.dataset.name = "imagenet100"
+  c.dataset.data_dir = data_dir
+  c.dataset.image_size = args.image_size
+  c.dataset.num_workers = workers
+  c.optim.batch_size = args.batch_size
+  return c
+
+
+def bench_stages(data_dir: str, args) -> dict:
+  """Single-thread CPU ms per image of each host stage, in this process.
+
+  decode: record read + JPEG decode to an RGB array (the source's
+  __getitem__); crops: the two random resized crops + flips of one decoded
+  image (`input_pipeline.TwoViews`).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from bayesncl_jax import datasets, input_pipeline  # pylint: disable=g-import-not-at-top
+  c = _imagenet100_config(data_dir, 0, args)
+  source = datasets.get_source(c.dataset, c.dataset.train_split)
+  n = min(args.stage_images, len(source))
+  t0 = time.process_time()
+  examples = [source[i] for i in range(n)]
+  decode = time.process_time() - t0
+  views = input_pipeline.TwoViews(args.image_size, tuple(c.aug.crop_scale),
+                                  c.aug.hflip_prob)
+  rng = np.random.default_rng(0)
+  t0 = time.process_time()
+  for example in examples:
+    views.random_map(example, rng)
+  crops = time.process_time() - t0
+  shape = examples[0]["image"].shape
+  return {"bench": "host_stages", "images": n,
+          "stored_hw": [int(shape[0]), int(shape[1])],
+          "decode_ms_per_image": 1e3 * decode / n,
+          "two_crops_ms_per_image": 1e3 * crops / n}
 
 
 def _cpu_seconds(proc) -> float:
@@ -112,13 +162,8 @@ def _cpu_seconds(proc) -> float:
 
 
 def bench_pipeline(data_dir: str, workers: int, args) -> dict:
-  from bayesncl_jax import config_lib, input_pipeline  # pylint: disable=g-import-not-at-top
-  c = config_lib.base_config()
-  c.dataset.name = "imagenet100"
-  c.dataset.data_dir = data_dir
-  c.dataset.image_size = args.image_size
-  c.dataset.num_workers = workers
-  c.optim.batch_size = args.batch_size
+  from bayesncl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  c = _imagenet100_config(data_dir, workers, args)
   it = input_pipeline.create_pretrain_iterator(c, process_index=0,
                                                process_count=1)
   try:
@@ -184,26 +229,38 @@ def main(argv=None):
     flags.FLAGS.mark_as_parsed()
   import jax  # pylint: disable=g-import-not-at-top,unused-import
   with tempfile.TemporaryDirectory() as root:
-    data_dir = args.data_dir
     mean_kb = None
-    if not data_dir:
+    if args.data_dir:
+      data_dirs = {None: args.data_dir}
+    else:
       t0 = time.perf_counter()
       classes_file, mean_kb = make_jpegs(root, args.num_images,
                                          args.num_classes, args.jpeg_size)
-      data_dir = convert(root, classes_file)
+      data_dirs = {int(r): convert(root, classes_file, int(r))
+                   for r in args.resize_shorter.split(",")}
       print(f"Made and converted {args.num_images} {args.jpeg_size} JPEGs "
             f"(mean {mean_kb:.0f} KiB) in {time.perf_counter() - t0:.1f} s",
             flush=True)
-    for w in (int(x) for x in args.workers.split(",")):
-      r = bench_pipeline(data_dir, w, args)
-      r.update(jpeg_size=args.jpeg_size, mean_jpeg_kib=mean_kb)
+    for resize, data_dir in data_dirs.items():
+      stored = "stored as given" if resize is None else (
+          "full resolution" if resize == 0 else f"shorter side {resize}")
+      r = bench_stages(data_dir, args)
+      r.update(jpeg_size=args.jpeg_size, resize_shorter=resize)
       common.emit(r, (
-          f"host pipeline {args.image_size}px workers={w}: "
-          f"{r['images_per_sec']:.1f} img/s wall, "
-          f"{r['cpu_ms_per_image']:.2f} CPU-ms/img "
-          f"({r['images_per_sec_per_core']:.1f} img/s/core) -> "
-          f"{r['host_cores_per_accelerator']:.1f} host cores per accelerator "
-          f"at {args.step_images_per_sec:.0f} img/s"))
+          f"host stages ({stored}, {r['stored_hw'][1]}x{r['stored_hw'][0]}): "
+          f"decode {r['decode_ms_per_image']:.2f} ms/img, two crops "
+          f"{r['two_crops_ms_per_image']:.2f} ms/img (one thread)"))
+      for w in (int(x) for x in args.workers.split(",")):
+        r = bench_pipeline(data_dir, w, args)
+        r.update(jpeg_size=args.jpeg_size, mean_jpeg_kib=mean_kb,
+                 resize_shorter=resize)
+        common.emit(r, (
+            f"host pipeline {args.image_size}px ({stored}) workers={w}: "
+            f"{r['images_per_sec']:.1f} img/s wall, "
+            f"{r['cpu_ms_per_image']:.2f} CPU-ms/img "
+            f"({r['images_per_sec_per_core']:.1f} img/s/core) -> "
+            f"{r['host_cores_per_accelerator']:.1f} host cores per "
+            f"accelerator at {args.step_images_per_sec:.0f} img/s"))
   r = bench_device_augment(args)
   common.emit(r, (f"device augment {args.image_size}px on "
                   f"{r['device_kind']}: {r['ms_per_image']:.2f} ms/image "

@@ -85,12 +85,19 @@ def test_input_pipeline_bench():
   records = _run("input_pipeline_bench.py", "--num_images=10",
                  "--num_classes=2", "--jpeg_size=160x120", "--image_size=32",
                  "--batch_size=4", "--batches=2", "--workers=0,1",
+                 "--resize_shorter=0,60", "--stage_images=4",
                  "--aug_batch=4", "--aug_steps=2")
   host = [r for r in records if r["bench"] == "host_pipeline"]
-  assert [r["workers"] for r in host] == [0, 1]
+  assert [(r["resize_shorter"], r["workers"]) for r in host] == [
+      (0, 0), (0, 1), (60, 0), (60, 1)]
   for r in host:
     _positive(r, "images_per_sec", "cpu_ms_per_image",
               "host_cores_per_accelerator", "mean_jpeg_kib")
+  stages = [r for r in records if r["bench"] == "host_stages"]
+  # The records really were pre-resized: 160x120 -> shorter side 60.
+  assert [r["stored_hw"] for r in stages] == [[120, 160], [60, 80]]
+  for r in stages:
+    _positive(r, "decode_ms_per_image", "two_crops_ms_per_image")
   (aug,) = [r for r in records if r["bench"] == "device_augment"]
   _positive(aug, "ms_per_image", "median_ms")
 
@@ -103,3 +110,26 @@ def test_loss_scaling():
   for r in records:
     assert r["env"]["num_devices"] == 2  # XLA_FLAGS set by the script.
     _positive(r, "temp_bytes", "median_ms", "full_sim_bytes")
+
+
+def test_conv_grad():
+  args = ["--rows=2", "--image_size=8", "--width=4", "--steps=1"]
+  if HAS_TORCH:
+    args.append("--torch")
+  records = _run("conv_grad.py", *args)
+  layers = [r for r in records if r["bench"] == "conv_grad"]
+  # Stem + (first, other) conv per stage; 8x8 halves at stages 2-4.
+  assert [(r["spatial"], r["c_in"], r["c_out"], r["stride"], r["count"])
+          for r in layers] == [
+              (8, 3, 4, 1, 1), (8, 4, 4, 1, 1), (8, 4, 4, 1, 3),
+              (8, 4, 8, 2, 1), (4, 8, 8, 1, 3), (4, 8, 16, 2, 1),
+              (2, 16, 16, 1, 3), (2, 16, 32, 2, 1), (1, 32, 32, 1, 3)]
+  (total,) = [r for r in records if r["bench"] == "conv_grad_total"]
+  _positive(total["jax"], "fwd", "dx", "dw")
+  if HAS_TORCH:
+    # PyTorch's dx/dw are (forward + gradient) - forward: may round to 0.
+    _positive(total["torch"], "fwd")
+    assert total["torch"]["dx"] >= 0 and total["torch"]["dw"] >= 0
+  for r in layers:
+    for fw in ["jax"] + (["torch"] if HAS_TORCH else []):
+      assert set(r[fw]) == {"fwd", "dx", "dw"}

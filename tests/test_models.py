@@ -56,7 +56,19 @@ def test_l2_normalize_values_and_zero_row():
   z = jnp.array([[3., 4.], [0., 0.]])
   np.testing.assert_allclose(models.l2_normalize(z), [[0.6, 0.8], [0, 0]])
   g = jax.grad(lambda z: models.l2_normalize(z).sum())(z)
-  assert np.all(np.isfinite(g))
+  # Row 0: (I - ẑẑᵀ)·1 / ||z|| with ẑ = (0.6, 0.8), ||z|| = 5.
+  np.testing.assert_allclose(g[0], [(1 - 0.6 * 1.4) / 5, (1 - 0.8 * 1.4) / 5],
+                             rtol=1e-6)
+  # A zero row (and one inside the eps-ball) gets no gradient, not 1/eps.
+  np.testing.assert_array_equal(g[1], [0.0, 0.0])
+  tiny = jnp.array([[1e-20, 0.0]])
+  np.testing.assert_array_equal(
+      jax.grad(lambda z: models.l2_normalize(z).sum())(tiny), [[0.0, 0.0]])
+  # Just outside the ball the true (large) gradient is kept.
+  small = jnp.array([[1e-6, 0.0], [0.0, 1e-6]])
+  g_small = jax.grad(lambda z: models.l2_normalize(z)[:, 1].sum())(small)
+  np.testing.assert_allclose(g_small, [[0.0, 1e6], [0.0, 0.0]], rtol=1e-5,
+                             atol=1e-6)
 
 
 def test_ste_gate_value_and_straight_through_gradient():

@@ -14,6 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from bayesncl_jax import config_lib
+from bayesncl_jax import input_pipeline
 from bayesncl_jax import sharding
 from bayesncl_jax import train
 
@@ -229,6 +230,38 @@ def test_corrupt_or_incompatible_checkpoint_is_a_clear_error(tmp_path):
                                           "model.width": 8})
   with pytest.raises(train.CheckpointError, match="incompatible config"):
     train.train_and_evaluate(wider, tmp_path, mesh=mesh)
+
+  # The data position: one JSON; grain's older per-process files also
+  # restore; an unreadable one is a CheckpointError.
+  config = load_config("fashion_mnist", **overrides)
+  setup = train.build(config, mesh)
+  data_dir = tmp_path / "checkpoints" / "2" / "data"
+
+  def restored_position():
+    mngr = train.checkpoint_manager(tmp_path, config)
+    it = input_pipeline.create_pretrain_iterator(config, process_index=0,
+                                                 process_count=1)
+    try:
+      train.restore_checkpoint(mngr, setup, it)
+      return it.get_state()["next_batch"]
+    finally:
+      it.close()
+      mngr.close()
+
+  assert restored_position() == 2
+  saved = (data_dir / "metadata").read_text()
+  (data_dir / "metadata").unlink()
+  for i in range(2):
+    (data_dir / f"process_{i}-of-2.json").write_text(
+        json.dumps({**json.loads(saved), "next_batch": 7}))
+  assert restored_position() == 7
+  for path in data_dir.iterdir():
+    path.unlink()
+  (data_dir / "metadata").write_text("{not json")
+  with pytest.raises(train.CheckpointError, match="corrupt"):
+    restored_position()
+  (data_dir / "metadata").write_text(saved)
+
   # Truncate every array file of the checkpoint.
   for path in (tmp_path / "checkpoints").rglob("*"):
     if path.is_file() and "state" in str(path) and path.stat().st_size > 0:
