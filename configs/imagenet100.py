@@ -8,6 +8,11 @@ Data, either of:
     the 100 classes on the fly.
 then --config.dataset.data_dir=that directory.
 
+Host cost: decode + two crops take ~7 CPU-ms per image at full resolution,
+~4 with records converted with `--resize_shorter=256` (bench/RESULTS.md), so
+one accelerator at 3000 img/s needs ~22 (or ~12) host cores; raise
+`dataset.num_workers` to what the host has per accelerator.
+
   python -m bayesncl_jax.main --config=configs/imagenet100.py:method=bayesncl \
       --workdir=gs://BUCKET/in100_bayesncl --config.dataset.data_dir=DIR
 
