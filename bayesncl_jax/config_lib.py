@@ -6,6 +6,10 @@ with a message naming the field, the value and what is allowed.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+from typing import Any
+
 import ml_collections
 
 METHODS = ("cl", "ncl", "bayesncl")
@@ -126,6 +130,24 @@ def from_dict(d: dict) -> ml_collections.ConfigDict:
       return tuple(convert(x) for x in v)
     return v
   return convert(d)
+
+
+def load_file(path: str | os.PathLike, arg: str | None = None,
+              overrides: dict[str, Any] | None = None
+              ) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the config file at `path`, then dotted overrides.
+
+  The programmatic twin of `--config=path:arg --config.a.b=value` (tests,
+  benchmarks): `overrides` maps "a.b" to a value of the field's type.
+  """
+  spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  if overrides:
+    config.update_from_flattened_dict(dict(overrides))
+  return config
 
 
 class ConfigError(ValueError):

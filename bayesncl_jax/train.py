@@ -191,18 +191,6 @@ def save_checkpoint(mngr, state: TrainState, data_iter, *, force=False):
       data=ocp.args.JsonSave(data_iter.get_state())), force=force)
 
 
-def _restore_data_state(mngr, step) -> dict:
-  """The saved iterator state (one JSON; or grain's per-process files)."""
-  item_dir = epath.Path(mngr.directory) / str(step) / "data"
-  legacy = sorted(item_dir.glob("process_*-of-*.json"))
-  if legacy:
-    # Written by grain.checkpoint.CheckpointSave (before the iterator state
-    # became global): every process stored the same batch count.
-    return json.loads(legacy[0].read_text())
-  return mngr.restore(step, args=ocp.args.Composite(
-      data=ocp.args.JsonRestore()))["data"]
-
-
 def restore_checkpoint(mngr, setup: Setup, data_iter, step=None,
                        restore_data=True) -> TrainState:
   """Restores the state (into the current sharding) and the data position.
@@ -218,11 +206,18 @@ def restore_checkpoint(mngr, setup: Setup, data_iter, step=None,
   target = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       setup.abstract_state, setup.state_sharding)
+  items = {"state": ocp.args.StandardRestore(target)}
+  # Checkpoints written with grain.checkpoint.CheckpointSave (before the data
+  # position became global) hold one identical process_i-of-N.json each.
+  legacy = sorted((epath.Path(mngr.directory) / str(step) / "data")
+                  .glob("process_*-of-*.json")) if restore_data else []
+  if restore_data and not legacy:
+    items["data"] = ocp.args.JsonRestore()
   try:
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))
+    restored = mngr.restore(step, args=ocp.args.Composite(**items))
     if restore_data:
-      data_iter.set_state(_restore_data_state(mngr, step))
+      data_iter.set_state(json.loads(legacy[0].read_text()) if legacy
+                          else restored["data"])
   except Exception as e:  # Orbax raises many types; all mean the same here.
     raise CheckpointError(
         f"Could not restore the checkpoint at step {step} in "

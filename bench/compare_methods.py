@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import platform
@@ -40,6 +39,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from bayesncl_jax import config_lib
 from bayesncl_jax import evaluate
 from bayesncl_jax import linear_probe
 from bayesncl_jax import plots
@@ -85,16 +85,10 @@ def parse_args(argv=None):
 
 
 def fashion_mnist_config(method: str, args):
-  spec = importlib.util.spec_from_file_location(
-      "fashion_mnist", os.path.join(_ROOT, "configs", "fashion_mnist.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(f"method={method}")
-  config.seed = args.seed
-  config.optim.total_steps = args.steps
-  config.optim.batch_size = args.batch_size
-  config.progress_bar = False
-  return config
+  return config_lib.load_file(
+      os.path.join(_ROOT, "configs", "fashion_mnist.py"), f"method={method}",
+      {"seed": args.seed, "optim.total_steps": args.steps,
+       "optim.batch_size": args.batch_size, "progress_bar": False})
 
 
 def _fmt(value, fmt):

@@ -10,11 +10,7 @@ CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py"))
 
 
 def load(name, arg=None):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(name, CONFIG_DIR / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_file(CONFIG_DIR / f"{name}.py", arg)
 
 
 def test_all_four_configs_exist():

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from bayesncl_jax import augment
+from bayesncl_jax import config_lib
 from bayesncl_jax import datasets
 from bayesncl_jax import evaluate
 from bayesncl_jax import linear_probe
@@ -150,19 +151,8 @@ TINY = {"optim.total_steps": 2, "optim.batch_size": 32,
 
 
 def _tiny_config(**overrides):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(
-      "fashion_mnist", ROOT / "configs" / "fashion_mnist.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("method=bayesncl")
-  for key, value in {**TINY, **overrides}.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return config_lib.load_file(ROOT / "configs" / "fashion_mnist.py",
+                              "method=bayesncl", {**TINY, **overrides})
 
 
 @pytest.fixture(scope="module")

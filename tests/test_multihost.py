@@ -27,6 +27,7 @@ import numpy as np
 import portpicker
 import pytest
 
+from bayesncl_jax import config_lib
 from bayesncl_jax import input_pipeline
 from bayesncl_jax import sharding
 from bayesncl_jax import train
@@ -377,14 +378,8 @@ def _import_worker():
 
 
 def _tiny_config():
-  spec = importlib.util.spec_from_file_location(
-      "fashion_mnist_config", REPO / "configs" / "fashion_mnist.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.optim.batch_size = 16
-  config.dataset.max_train_examples = 256
-  return config
+  return config_lib.load_file(REPO / "configs" / "fashion_mnist.py", None, {
+      "optim.batch_size": 16, "dataset.max_train_examples": 256})
 
 
 def test_global_batches_do_not_depend_on_process_count():

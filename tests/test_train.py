@@ -29,19 +29,8 @@ TINY = {"model.width": 4, "model.stage_sizes": (1,), "model.proj_hidden": 32,
 
 
 def load_config(name, arg=None, **overrides):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(
-      name, ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
-  for key, value in {**TINY, **overrides}.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return config_lib.load_file(ROOT / "configs" / f"{name}.py", arg,
+                              {**TINY, **overrides})
 
 
 def read_jsonl(path):
