@@ -96,7 +96,10 @@ def total_loss(outputs: Mapping[str, jax.Array], labels: jax.Array, *,
     kl = bernoulli_kl(outputs["gate_probs"], prior_prob)
     loss = loss + kl_weight * kl
     metrics["kl"] = kl
+    # Mean of the applied mask: the share of open gates for a hard gate (its
+    # straight-through value is 0/1 up to rounding), the mean p for soft
+    # gating — the same reading as the evaluation's gate_open_rate.
     metrics["gate_open_rate"] = jnp.mean(
-        (outputs["gate_mask"] > 0.5).astype(jnp.float32))
+        jax.lax.stop_gradient(outputs["gate_mask"]).astype(jnp.float32))
   metrics["loss"] = loss
   return loss, metrics

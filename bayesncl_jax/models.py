@@ -1,8 +1,9 @@
 """Flax modules: ResNet encoder, non-negative projector, Bayesian gate, probe.
 
-One module, `ContrastiveModel`, covers the three methods of METHOD.md §1:
+One module, `ContrastiveModel`, covers the methods of docs/method.md §1:
   CL       z = normalize(g(h))
   NCL      z = normalize(σ+(g(h)))
+  NCL+TopK z = normalize(σ+(g(h)) ⊙ topk_mask)
   BayesNCL z = normalize(normalize(σ+(g(h))) ⊙ m),  m ~ gate(stop_grad(h))
 
 BatchNorm needs no `axis_name`: the model runs inside `jax.jit` on a batch
@@ -21,8 +22,10 @@ import jax.numpy as jnp
 
 # The same eps guards the L2 normalisation everywhere (METHOD.md §2.3).
 NORM_EPS = 1e-12
-# The noise constants of the authors' Gumbel-sigmoid (METHOD.md §2.4).
+# The noise constant of the authors' Gumbel-sigmoid (docs/method.md §2).
 GUMBEL_EPS = 1e-4
+# u ~ U(eps, 1 - eps) for the logistic noise of the binary Concrete gate.
+LOGISTIC_EPS = 1e-6
 
 ModuleDef = Any
 
@@ -80,12 +83,55 @@ def gate_probs(logits: jax.Array, temperature: float) -> jax.Array:
   return nn.sigmoid(logits / temperature)
 
 
+def logistic_noise(rng: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+  """l = log u − log(1 − u), u ~ U(ε, 1 − ε): the difference of two Gumbels.
+
+  P(a + l > 0) = sigmoid(a), which makes the binary Concrete sample below
+  open with the probability its logit says.
+  """
+  u = jax.random.uniform(rng, shape, dtype, minval=LOGISTIC_EPS,
+                         maxval=1.0 - LOGISTIC_EPS)
+  return jnp.log(u) - jnp.log1p(-u)
+
+
+def authors_gumbel_noise(rng: jax.Array, shape, dtype=jnp.float32
+                         ) -> jax.Array:
+  """The authors' single Gumbel sample g = −log(−log(u + ε) + ε), ε = 1e-4.
+
+  P(a + g > 0) = 1 − exp(−e^a), not sigmoid(a) (docs/method.md §2).
+  """
+  u = jax.random.uniform(rng, shape, dtype)
+  return -jnp.log(-jnp.log(u + GUMBEL_EPS) + GUMBEL_EPS)
+
+
 def gumbel_sigmoid_probs(rng: jax.Array, logits: jax.Array,
                          temperature: float) -> jax.Array:
-  """Relaxed Bernoulli p~ = sigmoid((a + g) / τ), g = -log(-log(u+ε)+ε)."""
-  u = jax.random.uniform(rng, logits.shape, logits.dtype)
-  g = -jnp.log(-jnp.log(u + GUMBEL_EPS) + GUMBEL_EPS)
-  return nn.sigmoid((logits + g) / temperature)
+  """Binary Concrete sample p~ = sigmoid((a + l) / τ), l logistic noise.
+
+  With the threshold 0.5, 1[p~ > 0.5] is open with probability sigmoid(a)
+  at any τ; that is the deterministic p = sigmoid(a / τ) of the KL and of
+  evaluation when τ = 1 (the default).
+  """
+  return nn.sigmoid(
+      (logits + logistic_noise(rng, logits.shape, logits.dtype)) / temperature)
+
+
+def gumbel_authors_probs(rng: jax.Array, logits: jax.Array,
+                         temperature: float) -> jax.Array:
+  """The authors' relaxation p~ = sigmoid((a + g) / τ), g one Gumbel sample.
+
+  Kept to reproduce their runs only: the hard gate opens with probability
+  1 − exp(−e^a) in training (0.63 at a = 0, where evaluation closes it).
+  """
+  return nn.sigmoid(
+      (logits + authors_gumbel_noise(rng, logits.shape, logits.dtype))
+      / temperature)
+
+
+_NOISY_GATES = {"gumbel_sigmoid": gumbel_sigmoid_probs,
+                "gumbel_authors": gumbel_authors_probs}
+GATE_TYPES = ("ste", *_NOISY_GATES)
+GATE_MODES = ("hard", "soft")
 
 
 def straight_through_hard(p: jax.Array, threshold: float) -> jax.Array:
@@ -96,31 +142,54 @@ def straight_through_hard(p: jax.Array, threshold: float) -> jax.Array:
 
 def gate_mask(logits: jax.Array, *, gate_type: str, temperature: float,
               threshold: float, train: bool, eval_mode: str = "hard",
-              rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+              train_mode: str = "hard", rng: jax.Array | None = None
+              ) -> tuple[jax.Array, jax.Array]:
   """Returns (mask m applied to z, deterministic probabilities p for the KL).
 
-  Training: `ste` thresholds p with a straight-through gradient;
-  `gumbel_sigmoid` thresholds the noisy p~ the same way (needs `rng`).
+  Training, `train_mode="hard"`: `ste` thresholds p with a straight-through
+  gradient; `gumbel_sigmoid` (logistic noise) and `gumbel_authors` (one
+  Gumbel sample) threshold the noisy p~ the same way (they need `rng`).
+  Training, `train_mode="soft"` (the soft-gating ablation): m = p, no noise,
+  no threshold, whatever `gate_type` says.
   Evaluation: no noise; `hard` gives 1[p > threshold], `soft` gives p.
   """
   if temperature <= 0:
     raise ValueError(f"gate temperature must be > 0, got {temperature}; the "
                      "authors' YAML default 0.0 divides by zero.")
   p = gate_probs(logits, temperature)
+  mode = train_mode if train else eval_mode
+  if mode not in GATE_MODES:
+    raise ValueError(f"Unknown gate {'train' if train else 'eval'}_mode="
+                     f"{mode!r}: {' | '.join(GATE_MODES)}")
+  if mode == "soft":
+    return p, p
   if not train:
-    if eval_mode == "soft":
-      return p, p
-    if eval_mode != "hard":
-      raise ValueError(f"Unknown gate eval_mode={eval_mode!r}: hard | soft")
     return (p > threshold).astype(p.dtype), p
   if gate_type == "ste":
     return straight_through_hard(p, threshold), p
-  if gate_type == "gumbel_sigmoid":
+  if gate_type in _NOISY_GATES:
     if rng is None:
-      raise ValueError("gate_type='gumbel_sigmoid' needs an rng in training")
+      raise ValueError(f"gate_type={gate_type!r} needs an rng in training")
     return straight_through_hard(
-        gumbel_sigmoid_probs(rng, logits, temperature), threshold), p
-  raise ValueError(f"Unknown gate_type={gate_type!r}: ste | gumbel_sigmoid")
+        _NOISY_GATES[gate_type](rng, logits, temperature), threshold), p
+  raise ValueError(f"Unknown gate_type={gate_type!r}: "
+                   f"{' | '.join(GATE_TYPES)}")
+
+
+def top_k_mask(z: jax.Array, k: int) -> jax.Array:
+  """1 on the k largest entries of each row of z (last axis), 0 elsewhere.
+
+  Exactly k ones per row (ties go to the lower index, as `lax.top_k`). The
+  mask is a constant: z * top_k_mask(z, k) passes gradient to the kept
+  entries only (NCL+TopK, docs/method.md §7).
+  """
+  if not 1 <= k <= z.shape[-1]:
+    raise ValueError(f"top_k={k} must be in 1..{z.shape[-1]} (the feature "
+                     "dimension)")
+  _, idx = jax.lax.top_k(jax.lax.stop_gradient(z), k)
+  return jnp.put_along_axis(jnp.zeros(z.shape, z.dtype), idx,
+                            jnp.ones(idx.shape, z.dtype), axis=-1,
+                            inplace=False)
 
 
 # ----------------------------------------------------------------------------
@@ -233,14 +302,23 @@ class ResNet(nn.Module):
 
 
 class MLP(nn.Module):
-  """Linear(hidden) → ReLU → Linear(out); no BN (the authors' projector)."""
+  """`depth` Dense layers, ReLU between, no BN (the authors' projector).
+
+  depth 2 (default): Linear(hidden) → ReLU → Linear(out); depth 1:
+  Linear(out); depth 3: two Linear(hidden) + ReLU, then Linear(out). The
+  layers are Dense_0 … Dense_{depth-1}.
+  """
   hidden: int
   out: int
   dtype: Any = jnp.float32
+  depth: int = 2
 
   @nn.compact
   def __call__(self, x):
-    x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
+    if self.depth < 1:
+      raise ValueError(f"MLP depth must be >= 1, got {self.depth}")
+    for _ in range(self.depth - 1):
+      x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
     return nn.Dense(self.out, dtype=self.dtype)(x)
 
 
@@ -258,6 +336,11 @@ class ContrastiveModel(nn.Module):
     logits:     (B, num_classes) online classifier on stop_gradient(h).
     gate_probs: (B, proj_out) p = sigmoid(a/τ) (BayesNCL; else absent).
     gate_mask:  (B, proj_out) the mask m applied (BayesNCL; else absent).
+
+  Variants (docs/method.md §7): method `ncl_topk` keeps each row's `top_k`
+  largest entries of σ+(z); `gate_train_mode="soft"` trains with z ⊙ p;
+  `gate_isolate=False` feeds the gate head h itself (the backbone then gets
+  gradient through the gate); `gate_depth` is the gate head's Dense count.
   """
   method: str = "bayesncl"
   num_classes: int = 10
@@ -272,6 +355,10 @@ class ContrastiveModel(nn.Module):
   gate_temperature: float = 1.0
   gate_threshold: float = 0.5
   gate_eval_mode: str = "hard"
+  gate_train_mode: str = "hard"
+  gate_isolate: bool = True
+  gate_depth: int = 2
+  top_k: int = 0
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -281,7 +368,7 @@ class ContrastiveModel(nn.Module):
                          name="projector")
     if self.method == "bayesncl":
       self.gate_head = MLP(self.proj_hidden, self.proj_out, self.dtype,
-                           name="gate_head")
+                           depth=self.gate_depth, name="gate_head")
     self.classifier = nn.Dense(self.num_classes, name="classifier")
 
   def project(self, h: jax.Array, *, train: bool,
@@ -290,14 +377,18 @@ class ContrastiveModel(nn.Module):
     z = self.projector(h).astype(jnp.float32)
     # CL is SimCLR: signed features, whatever non_neg says.
     z = non_negative(z, "none" if self.method == "cl" else self.non_neg)
+    if self.method == "ncl_topk":
+      z = z * top_k_mask(z, self.top_k)
     z = l2_normalize(z)
     out = {}
     if self.method == "bayesncl":
-      logits = self.gate_head(jax.lax.stop_gradient(h)).astype(jnp.float32)
+      gate_in = jax.lax.stop_gradient(h) if self.gate_isolate else h
+      logits = self.gate_head(gate_in).astype(jnp.float32)
       mask, probs = gate_mask(
           logits, gate_type=self.gate_type, temperature=self.gate_temperature,
           threshold=self.gate_threshold, train=train,
-          eval_mode=self.gate_eval_mode, rng=gate_rng)
+          eval_mode=self.gate_eval_mode, train_mode=self.gate_train_mode,
+          rng=gate_rng)
       z = l2_normalize(z * mask)
       out.update(gate_probs=probs, gate_mask=mask)
     out["z"] = z
@@ -322,4 +413,6 @@ def model_from_config(config, stage_sizes: Sequence[int] | None = None):
       proj_hidden=m.proj_hidden, proj_out=m.proj_out, non_neg=m.non_neg,
       gate_type=g.type, gate_temperature=g.temperature,
       gate_threshold=g.threshold, gate_eval_mode=g.eval_mode,
+      gate_train_mode=g.train_mode, gate_isolate=bool(g.isolate),
+      gate_depth=g.depth, top_k=m.top_k,
       dtype=jnp.dtype(m.dtype))

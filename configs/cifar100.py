@@ -7,6 +7,9 @@ then --config.dataset.data_dir=DIR.
       --workdir=gs://BUCKET/cifar100_bayesncl
 
 Same recipe as configs/cifar10.py with 100 classes and CIFAR-100 statistics.
+Variants: the config argument also takes `method=ncl_topk` (top_k=32 by
+default), `gate=ste|gumbel_sigmoid|gumbel_authors` and the ablations
+`soft_gate`, `no_isolation`, `gate_depth=N` (configs/fashion_mnist.py).
 Expected result: not measured with this code yet (no accelerator was
 available while writing it); the papers report their CIFAR-100 numbers.
 """
@@ -14,9 +17,10 @@ from bayesncl_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, method="bayesncl", dtype="bfloat16")
+  arg = config_lib.parse_arg(arg, **config_lib.variant_args(top_k=32),
+                             dtype="bfloat16")
   c = config_lib.base_config()
-  c.method = arg.method
+  config_lib.apply_variant(c, arg)  # method, gate, ablations.
   c.dataset.name = "cifar100"
   c.dataset.num_classes = 100
   c.dataset.image_size = 32

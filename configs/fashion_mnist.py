@@ -7,7 +7,12 @@ with --config.dataset.data_dir); TFDS `fashion_mnist` is the fall-back.
   python -m bayesncl_jax.main --config=configs/fashion_mnist.py \
       --workdir=/tmp/fmnist_bayesncl
 
-Methods: append `:method=cl`, `:method=ncl` or `:method=bayesncl` (default).
+Variants (config argument after the path, comma-separated; docs/method.md
+§2, §7): `method=cl|ncl|ncl_topk|bayesncl` (default bayesncl),
+`gate=ste|gumbel_sigmoid|gumbel_authors` (default gumbel_sigmoid; `ste` is
+the gate of the paper's headline numbers), `top_k=8` (ncl_topk), and the
+ablations `soft_gate`, `no_isolation`, `gate_depth=1|2|3`, e.g.
+`--config=configs/fashion_mnist.py:method=bayesncl,gate=ste,gate_depth=1`.
 Expected result (measured on a 2-core CPU, see README "Embedded default"): a
 few minutes of wall time, ending with the summary table of online linear
 accuracy on the test split and feature sparsity.
@@ -16,9 +21,9 @@ from bayesncl_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, method="bayesncl")
+  arg = config_lib.parse_arg(arg, **config_lib.variant_args(top_k=8))
   c = config_lib.base_config()
-  c.method = arg.method
+  config_lib.apply_variant(c, arg)  # method, gate, ablations.
 
   c.dataset.name = "fashion_mnist"
   c.dataset.image_size = 28

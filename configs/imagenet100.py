@@ -18,6 +18,9 @@ one accelerator at 3000 img/s needs ~22 (or ~12) host cores; raise
 
 ResNet-18 (ImageNet stem), 224 px, projector 16384 -> 2048, relu, batch 128,
 LARS base lr 0.3, 100 epochs, blur p=0.5, bfloat16 compute.
+Variants: the config argument also takes `method=ncl_topk` (top_k=256 by
+default), `gate=ste|gumbel_sigmoid|gumbel_authors` and the ablations
+`soft_gate`, `no_isolation`, `gate_depth=N` (configs/fashion_mnist.py).
 Expected result: not measured with this code yet (no accelerator was
 available while writing it); the BayesNCL paper reports ImageNet-100
 linear accuracy and semantic consistency for this recipe.
@@ -26,10 +29,10 @@ from bayesncl_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, method="bayesncl", dtype="bfloat16",
-                             batch_size=128)
+  arg = config_lib.parse_arg(arg, **config_lib.variant_args(top_k=256),
+                             dtype="bfloat16", batch_size=128)
   c = config_lib.base_config()
-  c.method = arg.method
+  config_lib.apply_variant(c, arg)  # method, gate, ablations.
   c.dataset.name = "imagenet100"
   c.dataset.num_classes = 100
   c.dataset.image_size = 224

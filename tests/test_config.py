@@ -53,7 +53,8 @@ def test_unknown_config_argument():
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("method", "simclr", "config.method='simclr'.*'cl', 'ncl', 'bayesncl'"),
+    ("method", "simclr", "config.method='simclr'.*'cl', 'ncl', 'ncl_topk', "
+     "'bayesncl'"),
     ("model.non_neg", "abs", "config.model.non_neg='abs'.*'rep_relu'"),
     ("gate.type", "concrete", "config.gate.type='concrete'.*'ste'"),
     ("gate.temperature", 0.0, "config.gate.temperature=0.0 must be > 0"),
@@ -92,3 +93,67 @@ def test_json_round_trip():
   again = config_lib.from_dict(config.to_dict())
   assert again.to_dict() == config.to_dict()
   assert isinstance(again.dataset.mean, tuple)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_variant_arguments_set_their_fields(name):
+  base = load(name)
+  assert (base.gate.type, base.gate.train_mode, base.gate.isolate,
+          base.gate.depth) == ("gumbel_sigmoid", "hard", True, 2)
+  c = load(name, "method=bayesncl,gate=ste,soft_gate,no_isolation,"
+           "gate_depth=3")
+  assert (c.method, c.gate.type, c.gate.train_mode, c.gate.isolate,
+          c.gate.depth) == ("bayesncl", "ste", "soft", False, 3)
+  assert c.gate.eval_mode == "hard"  # the authors' evaluation thresholds.
+  config_lib.validate(c, num_devices=8)
+  c = load(name, "method=ncl_topk,top_k=5")
+  assert (c.method, c.model.top_k) == ("ncl_topk", 5)
+  config_lib.validate(c, num_devices=8)
+  # The file's own k is a valid default (proj_out / 8).
+  assert base.model.top_k == base.model.proj_out // 8
+  for gate in config_lib.GATE_TYPES:
+    c = load(name, f"gate={gate}")
+    assert c.gate.type == gate
+    config_lib.validate(c, num_devices=8)
+
+
+@pytest.mark.parametrize("arg,match", [
+    ("gate_depth=two", "gate_depth='two' must be of type int"),
+    ("soft_gate=maybe", "soft_gate='maybe' must be a boolean"),
+    ("gates=ste", "Unknown config argument 'gates'"),
+])
+def test_bad_variant_arguments(arg, match):
+  with pytest.raises(config_lib.ConfigError, match=match):
+    load("fashion_mnist", arg)
+
+
+def test_bad_variant_values_fail_validation():
+  with pytest.raises(config_lib.ConfigError,
+                     match="config.gate.type='gumbel'.*'gumbel_authors'"):
+    config_lib.validate(load("fashion_mnist", "gate=gumbel"))
+  with pytest.raises(config_lib.ConfigError,
+                     match="config.method='topk'.*'ncl_topk'"):
+    config_lib.validate(load("fashion_mnist", "method=topk"))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("gate.train_mode", "sampled", "config.gate.train_mode='sampled'.*'soft'"),
+    ("gate.depth", 0, "config.gate.depth=0 must be an integer >= 1"),
+])
+def test_bad_gate_ablation_values(field, value, match):
+  config = config_lib.base_config()
+  config.gate[field.split(".")[1]] = value
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("k", [0, 65])
+def test_top_k_is_checked_for_ncl_topk_only(k):
+  config = load("fashion_mnist", "method=ncl_topk")  # proj_out 64
+  config.model.top_k = k
+  with pytest.raises(config_lib.ConfigError,
+                     match=f"config.model.top_k={k} must be an integer in "
+                     "1..64"):
+    config_lib.validate(config)
+  config.method = "ncl"  # the field is not read by other methods.
+  config_lib.validate(config)

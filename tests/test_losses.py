@@ -130,6 +130,7 @@ def test_total_loss_composition_per_method():
   ce = np.mean(np.log(np.exp(lg).sum(1)) - lg[np.arange(2 * n), y])
   kl = float(losses.bernoulli_kl(probs, 0.8))
   for method, want in (("cl", nce + ce), ("ncl", nce + ce),
+                       ("ncl_topk", nce + ce),
                        ("bayesncl", nce + ce + 3e-5 * kl)):
     loss, metrics = losses.total_loss(outputs, labels, method=method,
                                       temperature=0.2, kl_weight=3e-5,
@@ -139,3 +140,11 @@ def test_total_loss_composition_per_method():
     assert ("kl" in metrics) == (method == "bayesncl")
   np.testing.assert_allclose(metrics["gate_open_rate"],
                              np.mean(np.asarray(probs) > 0.5))
+  # Straight-through masks (0/1 up to rounding) and soft gating (mask = p):
+  # the open rate is the mean of the applied mask, as in evaluation.
+  ste = jax.lax.stop_gradient((probs > 0.5) - probs) + probs
+  for mask, want in ((ste, np.mean(np.asarray(probs) > 0.5)),
+                     (probs, np.mean(np.asarray(probs)))):
+    _, metrics = losses.total_loss({**outputs, "gate_mask": mask}, labels,
+                                   method="bayesncl", temperature=0.2)
+    np.testing.assert_allclose(metrics["gate_open_rate"], want, rtol=1e-6)

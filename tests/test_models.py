@@ -86,27 +86,128 @@ def test_ste_gate_value_and_straight_through_gradient():
   np.testing.assert_allclose(g, want_p * (1 - want_p) / tau, rtol=1e-5)
 
 
-def test_gumbel_sigmoid_gate_matches_formula():
+def _sigmoid(x):
+  return 1 / (1 + np.exp(-np.asarray(x, np.float64)))
+
+
+def test_gumbel_sigmoid_gate_is_binary_concrete_with_logistic_noise():
   a = jnp.linspace(-2, 2, 7)[None]
   rng = jax.random.key(5)
   mask, p = models.gate_mask(a, gate_type="gumbel_sigmoid", temperature=0.7,
                              threshold=0.3, train=True, rng=rng)
-  u = np.asarray(jax.random.uniform(rng, a.shape), np.float64)
-  g = -np.log(-np.log(u + 1e-4) + 1e-4)
-  p_noisy = 1 / (1 + np.exp(-(np.asarray(a) + g) / 0.7))
+  # The same draw as the model's: u ~ U(eps, 1 - eps) from `rng`.
+  u = np.asarray(jax.random.uniform(rng, a.shape, minval=1e-6,
+                                    maxval=1 - 1e-6), np.float64)
+  p_noisy = _sigmoid((np.asarray(a) + np.log(u) - np.log(1 - u)) / 0.7)
   np.testing.assert_array_equal(mask, (p_noisy > 0.3).astype(np.float32))
   # The KL's p is the deterministic one, not the noisy one.
-  np.testing.assert_allclose(p, 1 / (1 + np.exp(-np.asarray(a) / 0.7)),
-                             rtol=1e-6)
+  np.testing.assert_allclose(p, _sigmoid(np.asarray(a) / 0.7), rtol=1e-6)
+  # Straight-through on p~: d mask / d a = p~(1 - p~) / τ.
+  g = jax.grad(lambda a: models.gate_mask(
+      a, gate_type="gumbel_sigmoid", temperature=0.7, threshold=0.3,
+      train=True, rng=rng)[0].sum())(a)
+  np.testing.assert_allclose(g, p_noisy * (1 - p_noisy) / 0.7, rtol=1e-4)
+
+
+def test_gumbel_authors_gate_matches_their_formula():
+  a = jnp.linspace(-2, 2, 7)[None]
+  rng = jax.random.key(5)
+  mask, p = models.gate_mask(a, gate_type="gumbel_authors", temperature=0.7,
+                             threshold=0.3, train=True, rng=rng)
+  u = np.asarray(jax.random.uniform(rng, a.shape), np.float64)
+  g = -np.log(-np.log(u + 1e-4) + 1e-4)
+  p_noisy = _sigmoid((np.asarray(a) + g) / 0.7)
+  np.testing.assert_array_equal(mask, (p_noisy > 0.3).astype(np.float32))
+  np.testing.assert_allclose(p, _sigmoid(np.asarray(a) / 0.7), rtol=1e-6)
+
+
+@pytest.mark.parametrize("gate_type", ["gumbel_sigmoid", "gumbel_authors"])
+def test_noisy_gates_need_an_rng(gate_type):
   with pytest.raises(ValueError, match="needs an rng"):
-    models.gate_mask(a, gate_type="gumbel_sigmoid", temperature=1.0,
+    models.gate_mask(jnp.zeros((1, 3)), gate_type=gate_type, temperature=1.0,
                      threshold=0.5, train=True)
+
+
+N_DRAWS = 20_000
+
+
+def _open_rate(gate_type, a, temperature=1.0, seed=0):
+  logits = jnp.full((N_DRAWS,), a, jnp.float32)
+  mask, _ = models.gate_mask(logits, gate_type=gate_type,
+                             temperature=temperature, threshold=0.5,
+                             train=True, rng=jax.random.key(seed))
+  return float(jnp.mean(mask))
+
+
+def _within_4_se(rate, want):
+  se = math.sqrt(want * (1 - want) / N_DRAWS)
+  return abs(rate - want) < 4 * se
+
+
+@pytest.mark.parametrize("a", [0.0, -0.3, 1.5])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_gumbel_sigmoid_training_open_rate_is_sigmoid_a(a, temperature):
+  """20k draws: open with probability sigmoid(a) = the p of KL and eval."""
+  rate = _open_rate("gumbel_sigmoid", a, temperature)
+  assert _within_4_se(rate, float(_sigmoid(a))), (rate, _sigmoid(a))
+  # ...and measurably not the authors' rate 1 - exp(-e^a).
+  assert not _within_4_se(rate, 1 - math.exp(-math.exp(a)))
+
+
+@pytest.mark.parametrize("a", [0.0, -0.3])
+def test_gumbel_authors_training_open_rate_is_their_defect(a):
+  """One Gumbel sample opens with 1 - exp(-e^a): 0.632 at a = 0, 0.524 at
+  a = -0.3, where the evaluation gate (p = sigmoid(a) < 0.5) is closed."""
+  rate = _open_rate("gumbel_authors", a)
+  want = 1 - math.exp(-math.exp(a))
+  assert _within_4_se(rate, want), (rate, want)
+  assert not _within_4_se(rate, float(_sigmoid(a)))
+  closed, _ = models.gate_mask(jnp.full((1,), a), gate_type="gumbel_authors",
+                               temperature=1.0, threshold=0.5, train=False)
+  assert float(closed[0]) == (1.0 if a > 0 else 0.0)
+
+
+def test_soft_training_gate_is_p_with_its_gradient():
+  a = jnp.array([[-1.0, 0.2, 3.0]])
+  tau = 0.5
+  want_p = _sigmoid(np.asarray(a) / tau)
+  for gate_type in models.GATE_TYPES:  # soft ignores the gate type
+    mask, p = models.gate_mask(a, gate_type=gate_type, temperature=tau,
+                               threshold=0.5, train=True, train_mode="soft",
+                               rng=jax.random.key(0))
+    np.testing.assert_allclose(mask, want_p, rtol=1e-6)
+    np.testing.assert_allclose(p, want_p, rtol=1e-6)
+  g = jax.grad(lambda a: models.gate_mask(
+      a, gate_type="ste", temperature=tau, threshold=0.5, train=True,
+      train_mode="soft")[0].sum())(a)
+  np.testing.assert_allclose(g, want_p * (1 - want_p) / tau, rtol=1e-4)
+  with pytest.raises(ValueError, match="train_mode='dropout'"):
+    models.gate_mask(a, gate_type="ste", temperature=tau, threshold=0.5,
+                     train=True, train_mode="dropout")
+
+
+def test_top_k_mask_values_ties_and_gradient():
+  z = jnp.array([[0.0, 3.0, 1.0, 2.0, 0.5],
+                 [1.0, 1.0, 1.0, 0.0, 0.0],   # ties: the lower indices win
+                 [0.0, 0.0, 0.0, 0.0, 0.2]])  # fewer than k positive
+  np.testing.assert_array_equal(models.top_k_mask(z, 2),
+                                [[0, 1, 0, 1, 0], [1, 1, 0, 0, 0],
+                                 [1, 0, 0, 0, 1]])
+  for k in range(1, 6):
+    np.testing.assert_array_equal(models.top_k_mask(z, k).sum(-1), k)
+  # Gradient reaches the kept entries only (value-weighted sum so that each
+  # kept entry gets a distinct non-zero gradient).
+  w = jnp.arange(1.0, 6.0)
+  g = jax.grad(lambda z: jnp.sum(z * models.top_k_mask(z, 2) * w))(z)
+  np.testing.assert_array_equal(g, models.top_k_mask(z, 2) * w)
+  with pytest.raises(ValueError, match="top_k=6 must be in 1..5"):
+    models.top_k_mask(z, 6)
 
 
 def test_eval_gate_uses_trained_temperature_and_threshold_no_noise():
   a = jnp.array([[0.1, 0.4, 2.0]])
   # τ = 0.5, threshold 0.6: p = sigmoid(2a) = (0.550, 0.690, 0.982).
-  for gate_type in ("ste", "gumbel_sigmoid"):
+  for gate_type in models.GATE_TYPES:
     hard, _ = models.gate_mask(a, gate_type=gate_type, temperature=0.5,
                                threshold=0.6, train=False)
     np.testing.assert_array_equal(hard, [[0., 1., 1.]])
@@ -152,9 +253,9 @@ def _tiny(method, **kw):
       proj_hidden=16, proj_out=8, **kw)
 
 
-@pytest.mark.parametrize("method", ["cl", "ncl", "bayesncl"])
+@pytest.mark.parametrize("method", ["cl", "ncl", "ncl_topk", "bayesncl"])
 def test_model_outputs(method):
-  model = _tiny(method, non_neg="relu")
+  model = _tiny(method, non_neg="relu", top_k=3)
   x = jax.random.uniform(jax.random.key(0), (6, 8, 8, 3))
   variables = model.init(jax.random.key(1), x, train=False)
   assert set(variables) == {"params", "batch_stats"}
@@ -195,6 +296,124 @@ def test_gate_gives_backbone_no_gradient_and_classifier_none():
   # The contrastive features do train the backbone.
   g = grads_of(lambda o: jnp.sum(o["z"] * jnp.arange(8.)))
   assert _nonzero(g["backbone"]) and _nonzero(g["projector"])
+
+
+def _dense(x, params):
+  return np.asarray(x, np.float64) @ np.asarray(params["kernel"], np.float64
+                                                 ) + np.asarray(params["bias"])
+
+
+def _l2n(x):
+  n = np.linalg.norm(x, axis=-1, keepdims=True)
+  return x / np.maximum(n, 1e-12)
+
+
+def _relu(x):
+  return np.maximum(x, 0)
+
+
+def _train_forward(model, variables, x, **kw):
+  out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                       **kw)
+  return out
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_ncl_topk_keeps_k_largest_then_normalises(train):
+  model = _tiny("ncl_topk", non_neg="relu", top_k=3)
+  x = jax.random.uniform(jax.random.key(0), (6, 8, 8, 3))
+  variables = model.init(jax.random.key(1), x, train=False)
+  out, _ = model.apply(variables, x, train=train, mutable=["batch_stats"])
+  proj = variables["params"]["projector"]
+  zp = _relu(_dense(_relu(_dense(out["h"], proj["Dense_0"])), proj["Dense_1"]))
+  keep = np.argsort(-zp, axis=1, kind="stable")[:, :3]
+  want = np.zeros_like(zp)
+  np.put_along_axis(want, keep, np.take_along_axis(zp, keep, 1), 1)
+  np.testing.assert_allclose(out["z"], _l2n(want), rtol=1e-4, atol=1e-6)
+  assert np.all((np.asarray(out["z"]) > 0).sum(1) <= 3)
+  assert "gate_mask" not in out and "gate_head" not in variables["params"]
+
+
+def test_ncl_topk_gradient_skips_dropped_entries():
+  """d loss / d (projector output) is zero on each row's dropped entries."""
+  model = _tiny("ncl_topk", non_neg="relu", top_k=2)
+  x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
+  variables = model.init(jax.random.key(1), x, train=False)
+  h = _train_forward(model, variables, x)["h"]
+  zp = model.apply(variables, h, method=lambda m, h: m.projector(h))
+
+  def loss(zp):
+    # The head from the projector output on, as ContrastiveModel.project.
+    z = models.non_negative(zp, "relu")
+    z = models.l2_normalize(z * models.top_k_mask(z, 2))
+    return jnp.sum(z * jnp.arange(1.0, 9.0))
+  g = np.asarray(jax.grad(loss)(zp))
+  kept = np.asarray(models.top_k_mask(jax.nn.relu(zp), 2)).astype(bool)
+  assert np.all(g[~kept] == 0)
+  assert np.all(g[kept & (np.asarray(zp) > 0)] != 0)
+
+
+def test_soft_gating_trains_with_z_times_p():
+  model = _tiny("bayesncl", non_neg="relu", gate_train_mode="soft",
+                gate_temperature=0.7)
+  x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
+  variables = model.init(jax.random.key(1), x, train=False)
+  out = _train_forward(model, variables, x)
+  params = variables["params"]
+  proj, gate = params["projector"], params["gate_head"]
+  zp = _l2n(_relu(_dense(_relu(_dense(out["h"], proj["Dense_0"])),
+                         proj["Dense_1"])))
+  p = _sigmoid(_dense(_relu(_dense(out["h"], gate["Dense_0"])),
+                      gate["Dense_1"]) / 0.7)
+  np.testing.assert_allclose(out["gate_mask"], p, rtol=1e-4)
+  np.testing.assert_allclose(out["z"], _l2n(zp * p), rtol=1e-4, atol=1e-6)
+  # Evaluation keeps the hard gate (gate_eval_mode="hard").
+  ev = model.apply(variables, x, train=False)
+  assert set(np.unique(np.asarray(ev["gate_mask"]))) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("isolate", [True, False])
+def test_gate_isolation_controls_backbone_gradient(isolate):
+  """Isolated: a loss on the gate alone reaches only the gate head; not
+  isolated: it trains the backbone too (and still not the projector)."""
+  model = _tiny("bayesncl", non_neg="relu", gate_type="ste",
+                gate_isolate=isolate)
+  x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
+  variables = model.init(jax.random.key(1), x, train=False)
+
+  def loss(params):
+    out = _train_forward(model, {**variables, "params": params}, x)
+    return jnp.sum(out["gate_probs"] ** 2)
+  g = jax.grad(loss)(variables["params"])
+  assert _nonzero(g["gate_head"])
+  assert _nonzero(g["backbone"]) == (not isolate)
+  assert not _nonzero(g["projector"]) and not _nonzero(g["classifier"])
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_gate_head_depth(depth):
+  model = _tiny("bayesncl", gate_depth=depth)
+  x = jnp.ones((2, 8, 8, 3))
+  params = model.init(jax.random.key(0), x, train=False)["params"]
+  gate = params["gate_head"]
+  assert sorted(gate) == [f"Dense_{i}" for i in range(depth)]
+  shapes = [gate[f"Dense_{i}"]["kernel"].shape for i in range(depth)]
+  # h has 8 dims (width 4, 2 stages), hidden 16, out 8.
+  want = {1: [(8, 8)], 2: [(8, 16), (16, 8)],
+          3: [(8, 16), (16, 16), (16, 8)]}[depth]
+  assert shapes == want
+  assert sorted(params["projector"]) == ["Dense_0", "Dense_1"]
+  # The forward pass is the stack of Dense layers with ReLU between.
+  h = model.apply({"params": params, "batch_stats": model.init(
+      jax.random.key(0), x, train=False)["batch_stats"]}, x, train=False)["h"]
+  a = np.asarray(h, np.float64)
+  for i in range(depth):
+    a = _dense(a, gate[f"Dense_{i}"])
+    if i < depth - 1:
+      a = _relu(a)
+  ev = model.apply({"params": params, "batch_stats": model.init(
+      jax.random.key(0), x, train=False)["batch_stats"]}, x, train=False)
+  np.testing.assert_allclose(ev["gate_probs"], _sigmoid(a), rtol=1e-4)
 
 
 def _nonzero(tree):
