@@ -335,20 +335,21 @@ def test_ncl_topk_keeps_k_largest_then_normalises(train):
 
 
 def test_ncl_topk_gradient_skips_dropped_entries():
-  """d loss / d (projector output) is zero on each row's dropped entries."""
+  """Through the model's own head: for one row, d loss / d (projector output
+  bias) is d loss / d (projector output), zero on the dropped entries."""
   model = _tiny("ncl_topk", non_neg="relu", top_k=2)
   x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
   variables = model.init(jax.random.key(1), x, train=False)
-  h = _train_forward(model, variables, x)["h"]
-  zp = model.apply(variables, h, method=lambda m, h: m.projector(h))
+  h = _train_forward(model, variables, x)["h"][:1]
 
-  def loss(zp):
-    # The head from the projector output on, as ContrastiveModel.project.
-    z = models.non_negative(zp, "relu")
-    z = models.l2_normalize(z * models.top_k_mask(z, 2))
-    return jnp.sum(z * jnp.arange(1.0, 9.0))
-  g = np.asarray(jax.grad(loss)(zp))
+  def loss(params):
+    out = model.apply({"params": params}, h, train=True, method="project")
+    return jnp.sum(out["z"] * jnp.arange(1.0, 9.0))
+  g = np.asarray(jax.grad(loss)(variables["params"])
+                 ["projector"]["Dense_1"]["bias"])
+  zp = model.apply(variables, h, method=lambda m, h: m.projector(h))[0]
   kept = np.asarray(models.top_k_mask(jax.nn.relu(zp), 2)).astype(bool)
+  assert kept.sum() == 2
   assert np.all(g[~kept] == 0)
   assert np.all(g[kept & (np.asarray(zp) > 0)] != 0)
 
