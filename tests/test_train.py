@@ -93,6 +93,30 @@ def test_fashion_mnist_config_runs_each_method(method, tmp_path):
 
 
 @needs_fmnist
+@pytest.mark.parametrize("arg", [
+    "method=ncl_topk,top_k=3",
+    "method=bayesncl,soft_gate,no_isolation,gate_depth=1"])
+def test_variants_train_and_report_online_stats(arg, tmp_path):
+  """The online statistics of train.py hold for the §7 variants too."""
+  config = load_config("fashion_mnist", arg, **{
+      "optim.total_steps": 2, "optim.batch_size": 16, "log_every": 1,
+      "dataset.max_train_examples": 64})
+  summary = train.train_and_evaluate(
+      config, tmp_path, mesh=sharding.make_mesh(jax.devices()[:1]))
+  assert summary["step"] == 2 and np.isfinite(summary["train_loss"])
+  if config.method == "ncl_topk":
+    # At most 3 of the 16 dims are non-zero in training and evaluation.
+    assert summary["train_sparsity"] >= 1 - 3 / 16
+    assert summary["test_sparsity"] >= 1 - 3 / 16
+    assert "train_gate_open_rate" not in summary
+  else:
+    # Soft gating: the training "open rate" is the mean p, in (0, 1).
+    assert 0.0 < summary["train_gate_open_rate"] < 1.0
+    assert 0.0 <= summary["test_gate_open_rate"] <= 1.0
+    assert np.isfinite(summary["train_kl"])
+
+
+@needs_fmnist
 def test_real_fashion_mnist_learns_checkpoints_and_resumes(tmp_path):
   overrides = {"optim.total_steps": 40, "optim.batch_size": 64,
                "log_every": 5, "ckpt_every": 20,
