@@ -49,6 +49,7 @@ import json
 import math
 import os
 import re
+import resource
 import shlex
 import signal
 import subprocess
@@ -112,7 +113,7 @@ REPORT_META_KEYS = frozenset({
 # Nested parts of report.json that hold settings and timings, not metrics.
 REPORT_META_DICTS = frozenset({"protocol", "seconds"})
 # The driver's own measurements, added to every run's metrics.
-TIMING_KEYS = ("train_wall_s", "eval_wall_s")
+TIMING_KEYS = ("train_wall_s", "eval_wall_s", "train_cpu_s", "eval_cpu_s")
 
 
 class ReproduceError(RuntimeError):
@@ -323,10 +324,19 @@ def subprocess_env(compilation_cache: str) -> dict[str, str]:
   return env
 
 
+def _children_cpu_s() -> float:
+  ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return ru.ru_utime + ru.ru_stime
+
+
 def _run_logged(cmd: list[str], log_path: str, env=None
-                ) -> tuple[int, float]:
-  """Runs cmd with its output appended to log_path; (return code, wall s)."""
-  t0 = time.time()
+                ) -> tuple[int, float, float]:
+  """Runs cmd with its output appended to log_path.
+
+  Returns (return code, wall seconds, CPU seconds of the subprocess): on a
+  shared machine the CPU time is the steadier measure of the work.
+  """
+  t0, cpu0 = time.time(), _children_cpu_s()
   with open(log_path, "a") as log:
     log.write(f"\n$ {shlex.join(cmd)}\n")
     log.flush()
@@ -336,7 +346,7 @@ def _run_logged(cmd: list[str], log_path: str, env=None
       rc = _Child.proc.wait()
     finally:
       _Child.proc = None
-  return rc, time.time() - t0
+  return rc, time.time() - t0, _children_cpu_s() - cpu0
 
 
 def _tail(path: str, n: int = 30) -> str:
@@ -361,8 +371,8 @@ def execute(run: Run, *, reevaluate: bool, log=print, env=None
             f"{shlex.join(run.train_cmd[1:])}\nUse another --out or delete "
             "that directory.")
   meta["train_cmd"] = run.train_cmd
-  meta.setdefault("train_wall_s", 0.0)
-  meta.setdefault("eval_wall_s", 0.0)
+  for k in TIMING_KEYS:
+    meta.setdefault(k, 0.0)
 
   def save():
     with open(meta_path, "w") as f:
@@ -375,9 +385,10 @@ def execute(run: Run, *, reevaluate: bool, log=print, env=None
   else:
     resumed = os.path.isdir(os.path.join(run.workdir, "checkpoints"))
     log(f"{name}: training{' (resuming)' if resumed else ''} ...")
-    rc, wall = _run_logged(run.train_cmd,
-                           os.path.join(run.workdir, "train.log"), env)
-    meta["train_wall_s"] += wall
+    rc, wall, cpu = _run_logged(run.train_cmd,
+                                os.path.join(run.workdir, "train.log"), env)
+    meta["train_wall_s"] += wall  # summed over resumed attempts.
+    meta["train_cpu_s"] += cpu
     save()
     if _Child.terminated:
       return f"{name}: stopped by SIGTERM (resume by rerunning)"
@@ -391,9 +402,10 @@ def execute(run: Run, *, reevaluate: bool, log=print, env=None
     return None
   log(f"{name}: evaluating ...")
   meta["eval_cmd"] = run.eval_cmd
-  rc, wall = _run_logged(run.eval_cmd, os.path.join(run.workdir, "eval.log"),
-                         env)
+  rc, wall, cpu = _run_logged(run.eval_cmd,
+                              os.path.join(run.workdir, "eval.log"), env)
   meta["eval_wall_s"] = wall  # the wall time of the report that exists.
+  meta["eval_cpu_s"] = cpu
   save()
   if _Child.terminated:
     return f"{name}: stopped by SIGTERM during evaluation"
@@ -574,7 +586,8 @@ def ledger_markdown(ledger: dict[str, Any]) -> str:
   lines += ["", "Per-run values: `ledger.json` (`runs`); reports: "
             "`<variant>/seed<k>/eval/report.md`. `train_wall_s` / "
             "`eval_wall_s` are this driver's wall times of the `main` and "
-            "`evaluate` subprocesses (start-up and compilation included)."]
+            "`evaluate` subprocesses (start-up and compilation included), "
+            "`*_cpu_s` their CPU time (user + system)."]
   return "\n".join(lines) + "\n"
 
 

@@ -133,3 +133,22 @@ def test_conv_grad():
   for r in layers:
     for fw in ["jax"] + (["torch"] if HAS_TORCH else []):
       assert set(r[fw]) == {"fwd", "dx", "dw"}
+
+
+def test_gate_cost():
+  records = _run("gate_cost.py", "--variants=bayesncl_ste,ncl_topk",
+                 "--rounds=2", "--steps_per_round=1", "--warmup=1",
+                 "--config.model.width=4", "--config.model.stage_sizes=(1,)",
+                 "--config.model.proj_hidden=16", "--config.model.proj_out=8",
+                 "--config.model.top_k=2", "--config.optim.batch_size=4",
+                 timeout=300)
+  by = {r["variant"]: r for r in records}
+  assert list(by) == ["ncl", "bayesncl_ste", "ncl_topk"]  # NCL added first.
+  assert by["ncl"]["ratio_of_medians_to_ncl"] == 1.0
+  for r in records:
+    _positive(r, "median_ms", "paired_ratio_to_ncl_median", "gflop_per_step")
+    assert r["rounds"] == 2 and r["global_batch"] == 4
+    assert r["ratio_of_medians_to_ncl"] == pytest.approx(
+        r["median_ms"] / by["ncl"]["median_ms"])
+  # The gate head adds FLOPs; NCL+TopK's mask adds (almost) none.
+  assert by["bayesncl_ste"]["gflop_per_step"] > by["ncl"]["gflop_per_step"]

@@ -221,7 +221,8 @@ def test_grid_end_to_end_skips_and_resumes(tmp_path):
   base = ledger["summary"]["ncl"]["linear_top1"]["values"]
   assert p["mean"] == pytest.approx(np.mean(np.subtract(s["values"], base)))
   assert "gate_open_rate" in ledger["headline"]
-  assert "train_wall_s" in ledger["runs"]["ncl"]["0"]
+  assert {"train_wall_s", "train_cpu_s", "eval_wall_s", "eval_cpu_s"} <= set(
+      ledger["runs"]["ncl"]["0"])
   md = (out / "ledger.md").read_text()
   assert "| bayesncl_ste |" in md and "Paired difference to NCL" in md
   assert (out / "ledger.png").stat().st_size > 1000
