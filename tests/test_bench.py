@@ -152,3 +152,21 @@ def test_gate_cost():
         r["median_ms"] / by["ncl"]["median_ms"])
   # The gate head adds FLOPs; NCL+TopK's mask adds (almost) none.
   assert by["bayesncl_ste"]["gflop_per_step"] > by["ncl"]["gflop_per_step"]
+
+
+def test_compare_methods_rewrites_markdown_from_json(tmp_path):
+  """--from_json re-renders COMPARISON.md (the committed one comes from it)
+  with the claims labelled as one seed's readings and the gate named."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copy(BENCH / "comparison.json", tmp_path / "comparison.json")
+  done = subprocess.run(
+      [sys.executable, str(BENCH / "compare_methods.py"),
+       f"--from_json={tmp_path / 'comparison.json'}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-3000:]
+  md = (tmp_path / "COMPARISON.md").read_text()
+  assert md == (BENCH / "COMPARISON.md").read_text()
+  assert "## Single-seed readings of the papers' directional claims" in md
+  assert "| claim | this seed | numbers |" in md
+  assert "1/C by construction" in md
+  assert "BayesNCL gate: `gumbel_sigmoid` as implemented when this ran" in md
