@@ -394,8 +394,9 @@ def execute(run: Run, *, reevaluate: bool, log=print, env=None
       return f"{name}: stopped by SIGTERM (resume by rerunning)"
     if rc != 0 or not training_done(run.workdir):
       log_path = os.path.join(run.workdir, "train.log")
-      return (f"{name}: training failed (exit {rc}); {log_path} ends "
-              f"with:\n{_tail(log_path)}")
+      what = (f"training failed (exit {rc})" if rc else
+              "training stopped before its last step (preempted?)")
+      return f"{name}: {what}; {log_path} ends with:\n{_tail(log_path)}"
     log(f"{name}: trained in {wall:.0f} s")
   if evaluation_done(run.workdir) and not reevaluate:
     log(f"{name}: evaluated (skipped)")
