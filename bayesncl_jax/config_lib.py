@@ -182,14 +182,29 @@ def apply_variant(config: ml_collections.ConfigDict,
 
 
 def from_dict(d: dict) -> ml_collections.ConfigDict:
-  """Rebuilds a config saved as JSON (lists become tuples again)."""
+  """Rebuilds a config saved as JSON (lists become tuples again).
+
+  Fields the JSON lacks (added to `base_config()` after the run was saved,
+  e.g. gate.train_mode) take their defaults, so older workdirs still load.
+  """
   def convert(v):
     if isinstance(v, dict):
       return ml_collections.ConfigDict({k: convert(x) for k, x in v.items()})
     if isinstance(v, list):
       return tuple(convert(x) for x in v)
     return v
-  return convert(d)
+
+  def fill_missing(config, defaults):
+    for k, v in defaults.items():
+      if k not in config:
+        config[k] = v
+      elif isinstance(v, ml_collections.ConfigDict) and isinstance(
+          config[k], ml_collections.ConfigDict):
+        fill_missing(config[k], v)
+
+  config = convert(d)
+  fill_missing(config, base_config())
+  return config
 
 
 def load_file(path: str | os.PathLike, arg: str | None = None,

@@ -157,3 +157,15 @@ def test_top_k_is_checked_for_ncl_topk_only(k):
     config_lib.validate(config)
   config.method = "ncl"  # the field is not read by other methods.
   config_lib.validate(config)
+
+
+def test_config_saved_before_new_fields_loads_with_defaults():
+  old = load("fashion_mnist", "gate=ste").to_dict()
+  for field in ("train_mode", "isolate", "depth"):
+    del old["gate"][field]
+  del old["model"]["top_k"]
+  again = config_lib.from_dict(old)
+  assert (again.gate.train_mode, again.gate.isolate, again.gate.depth,
+          again.model.top_k) == ("hard", True, 2, 32)
+  assert again.gate.type == "ste" and again.model.proj_out == 64  # kept
+  config_lib.validate(again)

@@ -429,3 +429,9 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
              for v in jax.tree.leaves(variables["params"]))
   out = model.apply(variables, x, train=False)
   assert out["z"].dtype == jnp.float32 and out["h"].dtype == jnp.float32
+
+
+def test_config_and_model_agree_on_gate_names():
+  from bayesncl_jax import config_lib  # pylint: disable=g-import-not-at-top
+  assert config_lib.GATE_TYPES == models.GATE_TYPES
+  assert config_lib.GATE_MODES == models.GATE_MODES
