@@ -20,7 +20,8 @@ GATE_MODES = ("hard", "soft")
 BACKBONES = ("resnet18", "resnet50")
 STEMS = ("cifar", "imagenet")
 DTYPES = ("float32", "bfloat16")
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagenet100")
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagenet100",
+            "fashion_mnist_backgrounds")
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -10,6 +10,11 @@ Where the data comes from, per `config.dataset.name`:
 * `fashion_mnist`: the IDX `.gz` files (Debian package `dataset-fashion-mnist`
   installs them in `/usr/share/datasets/fashion-mnist`) or, if absent, the
   TFDS `fashion_mnist` build. Images 28x28x1.
+* `fashion_mnist_backgrounds`: Fashion-MNIST objects composited onto B
+  shared procedural backgrounds (`backgrounds.py`), generated once from the
+  same files and cached (`dataset.cache_dir`, default `$BAYESNCL_CACHE_DIR`
+  or `~/.cache/bayesncl_jax`). Images 32x32x3; examples also carry
+  `"background"` (int), named by `nuisance_names`.
 * `cifar10`, `cifar100`: TFDS builds in ArrayRecord format. Images 32x32x3.
 * `imagenet100`: the 100 classes of `imagenet100_classes.txt`, either
   (a) filtered out of the TFDS `imagenet2012` build (the kept indices are
@@ -30,12 +35,15 @@ import io
 import json
 import os
 import struct
+import zlib
 from typing import Any, Sequence
 
 from absl import logging
 import grain
 import numpy as np
 from PIL import Image
+
+from bayesncl_jax import backgrounds
 
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 _FASHION_MNIST_FILES = {
@@ -49,7 +57,7 @@ _IDX_IMAGES_MAGIC = 0x00000803
 _IDX_LABELS_MAGIC = 0x00000801
 
 _NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100,
-                "imagenet100": 100}
+                "imagenet100": 100, "fashion_mnist_backgrounds": 10}
 
 # Format (b): written by `prepare_imagenet100`, read by
 # `ImageNet100ArrayRecordSource`.
@@ -104,6 +112,8 @@ def get_source(dataset_config,
   data_dir = dataset_config.data_dir or ""
   if name == "fashion_mnist":
     source = _fashion_mnist_source(split, data_dir)
+  elif name == "fashion_mnist_backgrounds":
+    source = _backgrounds_source(dataset_config, split)
   elif name in ("cifar10", "cifar100"):
     source = TfdsImageSource(_tfds_data_source(
         name, split, data_dir,
@@ -134,6 +144,18 @@ def num_classes(dataset_config) -> int:
     if os.path.exists(meta_path):
       return len(_read_imagenet100_metadata(dataset_config.data_dir)["classes"])
   return _NUM_CLASSES[name]
+
+
+def nuisance_names(dataset_config) -> tuple[str, ...] | None:
+  """Names of the nuisance labels (`example["background"]`), or None.
+
+  For `fashion_mnist_backgrounds`: the names of backgrounds 0..B-1; every
+  example of its sources carries `"background"`: int in [0, B). None for
+  datasets without a nuisance label.
+  """
+  if dataset_config.name == "fashion_mnist_backgrounds":
+    return backgrounds.background_names(_num_backgrounds(dataset_config))
+  return None
 
 
 def num_examples(dataset_config, split: str) -> int:
@@ -240,6 +262,9 @@ def _prefix(source, n: int):
   if isinstance(source, ArrayImageSource):
     # Slicing the arrays keeps what is pickled to Grain workers small.
     return ArrayImageSource(source.images[:n], source.labels[:n])
+  if isinstance(source, BackgroundsSource):
+    return BackgroundsSource(source.images_path, source.labels[:n],
+                             source.backgrounds[:n])
   return PrefixSource(source, n)
 
 
@@ -341,6 +366,192 @@ def _fashion_mnist_source(split: str, data_dir: str):
           "--data_dir=DATA_DIR --file_format=array_record   (needs "
           "tensorflow-cpu at build time only), then "
           "--config.dataset.data_dir=DATA_DIR.")))
+
+
+# ----------------------------------------------------------------------------
+# Fashion-MNIST on shared backgrounds.
+# ----------------------------------------------------------------------------
+
+_BACKGROUNDS_CACHE_SUBDIR = "fashion_mnist_backgrounds"
+
+
+def _num_backgrounds(dataset_config) -> int:
+  return int(dataset_config.get("num_backgrounds",
+                                backgrounds.DEFAULT_NUM_BACKGROUNDS))
+
+
+def backgrounds_cache_paths(dataset_config, split: str) -> tuple[str, str]:
+  """(images .npy, metadata .npz) cache files of one split.
+
+  The folder is `dataset_config.cache_dir` if set, else `$BAYESNCL_CACHE_DIR`
+  or `~/.cache/bayesncl_jax`, then `fashion_mnist_backgrounds/`; the names
+  hold the generator version and B, so other settings never read them.
+  """
+  root = dataset_config.get("cache_dir", "") or _default_cache_dir()
+  stem = os.path.join(
+      root, _BACKGROUNDS_CACHE_SUBDIR,
+      f"v{backgrounds.GENERATOR_VERSION}-b{_num_backgrounds(dataset_config)}"
+      f"-{split}")
+  return stem + ".images.npy", stem + ".meta.npz"
+
+
+def _crc32(array: np.ndarray) -> int:
+  view = memoryview(np.ascontiguousarray(array)).cast("B")
+  crc = 0
+  for start in range(0, len(view), 1 << 26):  # 64 MiB at a time
+    crc = zlib.crc32(view[start:start + (1 << 26)], crc)
+  return crc
+
+
+def _check_backgrounds_cache(images_path: str, meta_path: str,
+                             num_backgrounds: int, split: str) -> str | None:
+  """None if the cache files of a split are complete and intact, else why.
+
+  A check that passed is remembered for the process (keyed by the files'
+  size and modification time), since `num_examples` and every iterator
+  open the source again.
+  """
+  if not (os.path.exists(images_path) and os.path.exists(meta_path)):
+    return "missing"
+  stats = tuple((st.st_size, st.st_mtime_ns) for st in
+                (os.stat(images_path), os.stat(meta_path)))
+  key = (images_path, meta_path, num_backgrounds, split, stats)
+  if key in _VERIFIED_CACHES:
+    return None
+  problem = _find_cache_problem(images_path, meta_path, num_backgrounds, split)
+  if problem is None:
+    _VERIFIED_CACHES.add(key)
+  return problem
+
+
+_VERIFIED_CACHES = set()
+
+
+def _find_cache_problem(images_path: str, meta_path: str,
+                        num_backgrounds: int, split: str) -> str | None:
+  try:
+    with np.load(meta_path) as meta:
+      fields = {k: meta[k] for k in ("labels", "backgrounds", "crc32",
+                                     "version", "num_backgrounds")}
+    images = np.load(images_path, mmap_mode="r")
+  except (OSError, ValueError, KeyError, EOFError) as e:
+    # np.load checks the .npz members' CRC-32 (zipfile) and the .npy header.
+    return f"unreadable ({type(e).__name__}: {e})"
+  n = _FASHION_MNIST_SIZES[split]
+  expected = (n, backgrounds.IMAGE_SIZE, backgrounds.IMAGE_SIZE, 3)
+  if (int(fields["version"]) != backgrounds.GENERATOR_VERSION
+      or int(fields["num_backgrounds"]) != num_backgrounds):
+    return "written by another generator version or B"
+  if images.shape != expected or images.dtype != np.uint8:
+    return f"images {images.shape} {images.dtype}, expected {expected} uint8"
+  if fields["labels"].shape != (n,) or fields["backgrounds"].shape != (n,):
+    return "labels or backgrounds of the wrong length"
+  if _crc32(images) != int(fields["crc32"]):
+    return "images checksum mismatch"
+  return None
+
+
+def _write_atomically(path: str, write) -> None:
+  """Writes through `write(file)` to a temporary name, then renames."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with open(tmp, "wb") as f:
+      write(f)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def build_backgrounds_cache(dataset_config, split: str) -> tuple[str, str]:
+  """Generates one split from the Fashion-MNIST files and writes the cache.
+
+  Returns the (images, metadata) paths. Files are written under temporary
+  names and renamed, so readers never see half-written data; concurrent
+  builders write identical bytes.
+  """
+  b = _num_backgrounds(dataset_config)
+  objects = _fashion_mnist_source(split, dataset_config.data_dir or "")
+  if isinstance(objects, ArrayImageSource):
+    images, labels = objects.images, objects.labels
+  else:  # TFDS fall-back: materialise once.
+    images = np.stack([objects[i]["image"] for i in range(len(objects))])
+    labels = np.asarray([objects[i]["label"] for i in range(len(objects))])
+  composited, background = backgrounds.build_split(images, labels, split, b)
+  images_path, meta_path = backgrounds_cache_paths(dataset_config, split)
+  try:
+    os.makedirs(os.path.dirname(images_path), exist_ok=True)
+    _write_atomically(images_path, lambda f: np.save(f, composited))
+    _write_atomically(meta_path, lambda f: np.savez(
+        f, labels=labels.astype(np.int32), backgrounds=background,
+        crc32=np.uint32(_crc32(composited)),
+        version=np.int32(backgrounds.GENERATOR_VERSION),
+        num_backgrounds=np.int32(b),
+        background_names=np.asarray(backgrounds.background_names(b))))
+  except OSError as e:
+    raise OSError(
+        f"Cannot write the fashion_mnist_backgrounds cache {images_path}: {e}."
+        " Point --config.dataset.cache_dir (or $BAYESNCL_CACHE_DIR) at a "
+        "writable folder.") from e
+  logging.info("fashion_mnist_backgrounds %s: %d examples on %d backgrounds "
+               "written to %s.", split, len(labels), b, images_path)
+  return images_path, meta_path
+
+
+class BackgroundsSource:
+  """Cached `fashion_mnist_backgrounds` split: image, label, background.
+
+  The images are memory-mapped (read-only) and opened lazily, so pickling
+  the source to Grain workers copies only the small label arrays.
+  """
+
+  def __init__(self, images_path: str, labels: np.ndarray,
+               background: np.ndarray):
+    self.images_path = images_path
+    self.labels = labels
+    self.backgrounds = background
+    self._images = None
+
+  @property
+  def images(self) -> np.ndarray:
+    if self._images is None:
+      self._images = np.load(self.images_path, mmap_mode="r")
+    return self._images
+
+  def __getstate__(self):
+    return {**self.__dict__, "_images": None}
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return {"image": np.asarray(self.images[index]),
+            "label": int(self.labels[index]),
+            "background": int(self.backgrounds[index])}
+
+  def __repr__(self) -> str:
+    return f"BackgroundsSource(n={len(self)}, {self.images_path})"
+
+
+def _backgrounds_source(dataset_config, split: str) -> BackgroundsSource:
+  if split not in _FASHION_MNIST_FILES:
+    raise ValueError(f"fashion_mnist_backgrounds has splits "
+                     f"{sorted(_FASHION_MNIST_FILES)}, not {split!r}.")
+  b = _num_backgrounds(dataset_config)
+  backgrounds.background_names(b)  # validates B with a clear message.
+  images_path, meta_path = backgrounds_cache_paths(dataset_config, split)
+  problem = _check_backgrounds_cache(images_path, meta_path, b, split)
+  if problem is not None:
+    if problem != "missing":
+      logging.warning("fashion_mnist_backgrounds cache %s is %s; rebuilding "
+                      "it.", images_path, problem)
+    build_backgrounds_cache(dataset_config, split)
+    problem = _check_backgrounds_cache(images_path, meta_path, b, split)
+    if problem is not None:
+      raise ValueError(f"The freshly built cache {images_path} is {problem}; "
+                       "check the disk holding it.")
+  with np.load(meta_path) as meta:
+    return BackgroundsSource(images_path, meta["labels"], meta["backgrounds"])
 
 
 # ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ def load(name, arg=None):
 
 def test_all_four_configs_exist():
   assert set(CONFIGS) == {"fashion_mnist", "cifar10", "cifar100",
-                          "imagenet100"}
+                          "imagenet100", "fashion_mnist_backgrounds"}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
