@@ -55,7 +55,7 @@ from bayesncl_jax import augment
 from bayesncl_jax import config_lib
 from bayesncl_jax import datasets
 from bayesncl_jax import input_pipeline
-from bayesncl_jax import linear_probe
+from bayesncl_jax.evaluators import linear_probe
 from bayesncl_jax import metrics
 from bayesncl_jax import plots
 from bayesncl_jax import sharding

@@ -41,7 +41,7 @@ import numpy as np
 
 from bayesncl_jax import config_lib
 from bayesncl_jax import evaluate
-from bayesncl_jax import linear_probe
+from bayesncl_jax.evaluators import linear_probe
 from bayesncl_jax import plots
 from bayesncl_jax import train
 
