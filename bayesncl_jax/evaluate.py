@@ -35,13 +35,12 @@ retrieval map over query chunks in `metrics`).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -51,63 +50,37 @@ import numpy as np
 from etils import epath
 
 from bayesncl_jax import cli
-from bayesncl_jax import augment
 from bayesncl_jax import config_lib
-from bayesncl_jax import datasets
-from bayesncl_jax import input_pipeline
-from bayesncl_jax.evaluators import linear_probe
-from bayesncl_jax import metrics
-from bayesncl_jax import plots
-from bayesncl_jax import sharding
 from bayesncl_jax import train
+from bayesncl_jax.evaluators import base
+from bayesncl_jax.evaluators import feature_selection as feature_selection_lib
+from bayesncl_jax.evaluators import features as features_lib
+from bayesncl_jax.evaluators import interpretability
+from bayesncl_jax.evaluators import knn
+from bayesncl_jax.evaluators import linear
+from bayesncl_jax.evaluators import linear_probe
+from bayesncl_jax.evaluators import pictures
+from bayesncl_jax.evaluators import retrieval
 
-ALL_PROTOCOLS = ("linear", "knn", "interp", "selection", "retrieval", "grids")
-# Protocols that need the train split's features.
-_NEEDS_TRAIN = ("linear", "knn", "selection")
+# The protocols, in the order they run.
+EVALUATORS = {e.name: e for e in (
+    linear.LinearEvaluator, knn.KnnEvaluator,
+    interpretability.InterpretabilityEvaluator,
+    retrieval.RetrievalEvaluator,
+    feature_selection_lib.FeatureSelectionEvaluator,
+    pictures.PicturesEvaluator)}
+ALL_PROTOCOLS = tuple(EVALUATORS)
 
-CLASS_NAMES = {
-    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog",
-                "frog", "horse", "ship", "truck"),
-}
-
-
-class EvaluationError(RuntimeError):
-  """The workdir cannot be evaluated (no checkpoint, unknown step, ...)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalOptions:
-  """What to evaluate and how; the defaults are the documented protocol.
-
-  max_examples > 0 keeps only the first max_examples of each split (smoke
-  runs). consistency_top_k = None: class consistency over all activating
-  samples of a dim (§5); an int restricts it to each dim's top_k samples.
-  selection_ks = None: 1, 2, 4, … below D, then D.
-  """
-  step: int | None = None
-  protocols: tuple[str, ...] = ALL_PROTOCOLS
-  batch_size: int = 512
-  max_examples: int = -1
-  probe: linear_probe.ProbeConfig = linear_probe.ProbeConfig()
-  knn_k: int = 20
-  knn_temperature: float = 0.07
-  consistency_top_k: int | None = None
-  selection_ks: tuple[int, ...] | None = None
-  grid_dims: int = 10
-  grid_images: int = 10
-  out_dir: str | None = None  # default: workdir/eval
-
-
-def class_names(config) -> tuple[str, ...]:
-  """Human-readable class names of config.dataset (label i -> names[i])."""
-  name = config.dataset.name
-  if name in CLASS_NAMES:
-    return CLASS_NAMES[name]
-  if name == "imagenet100":
-    return tuple(datasets.imagenet100_classes())
-  return tuple(str(i) for i in range(config.dataset.num_classes))
+# Re-exported: the public names of this module before the protocols moved
+# to bayesncl_jax/evaluators/ (other tools import them from here).
+EvalOptions = base.EvalOptions
+EvaluationError = base.EvaluationError
+class_names = base.class_names
+make_feature_fn = features_lib.make_feature_fn
+extract_features = features_lib.extract_features
+feature_selection = feature_selection_lib.feature_selection
+default_selection_ks = feature_selection_lib.default_selection_ks
+top_activation_examples = pictures.top_activation_examples
 
 
 # ----------------------------------------------------------------------------
@@ -148,163 +121,6 @@ def load_state(workdir: str, step: int | None = None, mesh=None
 
 
 # ----------------------------------------------------------------------------
-# Feature extraction.
-# ----------------------------------------------------------------------------
-def make_feature_fn(setup: train.Setup):
-  """Jitted `(params, batch_stats, batch) -> features`, batch over `data`.
-
-  batch: {"image": uint8 (B, S, S, C), "label", "mask", "index": (B,)}
-  sharded over the mesh. Returns replicated {"h": (B, d_h), "z": (B, D),
-  "label", "mask", "index"[, "gate_mask": (B, D)]}: replicated outputs are
-  addressable on every host, so each process can read the whole batch.
-  """
-  config, model = setup.config, setup.model
-  mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
-  dtype = train.compute_dtype(config)
-
-  def forward(params, batch_stats, batch):
-    x = augment.normalize(batch["image"], mean, std, dtype)
-    out = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                      train=False)
-    feats = {"h": out["h"], "z": out["z"], "label": batch["label"],
-             "mask": batch["mask"], "index": batch["index"]}
-    if "gate_mask" in out:
-      feats["gate_mask"] = out["gate_mask"]
-    return feats
-
-  rep = sharding.replicated(setup.mesh)
-  return jax.jit(forward,
-                 in_shardings=(rep, rep, sharding.batch_sharding(setup.mesh)),
-                 out_shardings=rep)
-
-
-def _global_eval_batch(batch_size: int, mesh) -> int:
-  # A multiple of the device count (the batch is split over devices), and so
-  # of the process count.
-  return max(mesh.size, batch_size // mesh.size * mesh.size)
-
-
-def extract_features(setup: train.Setup, state: train.TrainState, split: str,
-                     batch_size: int = 512, max_examples: int = -1,
-                     feature_fn=None) -> dict[str, np.ndarray]:
-  """Eval-mode features of `split`, each real example exactly once.
-
-  Returns host arrays, padding removed: h (N, d_h), z (N, D), label (N,),
-  index (N,) (the example's index in `datasets.get_source(split)`) and for
-  BayesNCL gate_mask (N, D). max_examples > 0 stops after the batches that
-  cover that many examples and keeps the first max_examples rows.
-  """
-  mesh = setup.mesh
-  batch_size = _global_eval_batch(batch_size, mesh)
-  feature_fn = feature_fn or make_feature_fn(setup)
-  n_batches = input_pipeline.num_eval_batches(setup.config, split, batch_size)
-  if max_examples > 0:
-    n_batches = min(n_batches, math.ceil(max_examples / batch_size))
-  p, n_proc = jax.process_index(), jax.process_count()
-  local = batch_size // n_proc
-  it = input_pipeline.create_eval_iterator(setup.config, split, batch_size)
-  chunks = []
-  for b, batch in zip(range(n_batches), it):
-    # Process p's position j of batch b is its example p + (b·local + j)·P
-    # (EvalExample's striding); the index travels with the row.
-    batch["index"] = (p + (b * local + np.arange(local)) * n_proc).astype(
-        np.int32)
-    out = feature_fn(state.params, state.batch_stats,
-                     sharding.make_global_batch(batch, mesh))
-    chunks.append(jax.device_get(out))
-  del it
-  feats = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-  keep = feats.pop("mask").astype(bool)
-  feats = {k: v[keep] for k, v in feats.items()}
-  if max_examples > 0:
-    feats = {k: v[:max_examples] for k, v in feats.items()}
-  return feats
-
-
-# ----------------------------------------------------------------------------
-# Protocols on extracted features.
-# ----------------------------------------------------------------------------
-def default_selection_ks(feature_dim: int) -> tuple[int, ...]:
-  """1, 2, 4, … (powers of two below D), then D itself."""
-  ks = [1 << i for i in range(max(feature_dim - 1, 0).bit_length())
-        if 1 << i < feature_dim]
-  return tuple(ks + [feature_dim])
-
-
-def feature_selection(train_z, train_y, test_z, test_y, num_classes: int,
-                      ks: Sequence[int] | None = None,
-                      probe: linear_probe.ProbeConfig = (
-                          linear_probe.ProbeConfig()),
-                      retrieval: bool = True) -> dict[str, Any]:
-  """NCL's feature-selection protocol.
-
-  Dims ranked by Σ_n |train_z_nd| (metrics.most_active_dims on the TRAIN
-  split: the test split chooses nothing); for each k the top-k dims of z
-  feed a linear probe (train → test) and, if `retrieval`, cosine
-  precision@10 on the test split.
-
-  The k dims are kept by zeroing the other columns rather than slicing
-  them: a zero input column has zero mean, unit (fallback) std and zero
-  gradient, so its probe weights stay at their zero init, and it adds
-  nothing to dot products or norms. The results are those of a probe /
-  retrieval on the k dims alone, with one compiled shape for every k.
-
-  train_z: (N_tr, D), test_z: (N_te, D). Returns {"ranking": (D,) dims in
-  descending activation, "curve": [{"k", "linear_top1", "linear_top5"
-  [, "retrieval_precision_at_10"]}, ...]}.
-  """
-  train_z = np.asarray(train_z, np.float32)
-  test_z = np.asarray(test_z, np.float32)
-  d = train_z.shape[1]
-  ks = default_selection_ks(d) if ks is None else tuple(sorted(set(ks)))
-  if not ks or ks[0] < 1 or ks[-1] > d:
-    raise ValueError(f"selection ks must lie in [1, {d}], got {ks}")
-  ranking = metrics.most_active_dims(train_z, d)
-  curve = []
-  for k in ks:
-    keep = np.zeros((d,), np.float32)
-    keep[ranking[:k]] = 1.0
-    tr, te = train_z * keep, test_z * keep
-    acc = linear_probe.linear_eval(tr, train_y, te, test_y, num_classes,
-                                   probe)
-    point = {"k": int(k), "linear_top1": acc["top1"],
-             "linear_top5": acc["top5"]}
-    if retrieval and te.shape[0] > 10:
-      point["retrieval_precision_at_10"] = metrics.retrieval_precision_at_k(
-          te, test_y, k=10)
-    curve.append(point)
-  return {"ranking": [int(x) for x in ranking], "curve": curve}
-
-
-def top_activation_examples(config, split: str, feats: dict[str, np.ndarray],
-                            n_dims: int, k: int) -> dict[str, np.ndarray]:
-  """Images of the k samples activating each of the n_dims top dims most.
-
-  Dims ranked by Σ_n |z_nd| over `feats` (only dims some sample activates);
-  images re-read from the source by index and preprocessed as in
-  extraction. Returns {"dims": (R,), "indices": (R, k) source indices,
-  "labels": (R, k), "images": (R, k, S, S, C) uint8}, R <= n_dims.
-  """
-  z = feats["z"]
-  n_dims = int(min(n_dims, metrics.active_dims(z)))
-  k = int(min(k, z.shape[0]))
-  if n_dims < 1:
-    raise EvaluationError("No projector dim is active on the test split: "
-                          "there is nothing to draw.")
-  dims = metrics.most_active_dims(z, n_dims)
-  rows = metrics.top_activating_indices(z, dims, k)            # (R, k)
-  source = datasets.get_source(config.dataset, split)
-  element = input_pipeline.EvalExample(
-      source, 0, 1, config.dataset.image_size,
-      center_crop=config.dataset.name == "imagenet100")
-  indices = feats["index"][rows]
-  images = np.stack([np.stack([element.map(int(i))["image"] for i in row])
-                     for row in indices])
-  return {"dims": np.asarray(dims), "indices": indices,
-          "labels": feats["label"][rows], "images": images}
-
-
-# ----------------------------------------------------------------------------
 # The evaluation.
 # ----------------------------------------------------------------------------
 def _finite_or_none(value):
@@ -319,9 +135,33 @@ def _clean(obj):
     return {k: _clean(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
     return [_clean(v) for v in obj]
-  if isinstance(obj, (np.floating, np.integer)):
+  if isinstance(obj, (np.floating, np.integer, np.bool_)):
     obj = obj.item()
   return _finite_or_none(obj)
+
+
+def run_evaluators(ctx: base.Context, protocols) -> dict[str, Any]:
+  """Runs the named protocols in EVALUATORS order on ctx; the raw report.
+
+  Returns {metric: value, ..., "protocol": {name: settings}, "seconds":
+  {name: s}} (the dataset/run fields are the caller's).
+  """
+  report: dict[str, Any] = {}
+  described = {}
+  for name, cls in EVALUATORS.items():
+    if name not in protocols:
+      continue
+    evaluator = cls(ctx.options)
+    t = time.time()
+    features_before = ctx.seconds.get("features", 0.0)
+    report.update(evaluator.run(ctx))
+    # Feature extraction triggered by this protocol is timed on its own.
+    ctx.seconds[name] = (time.time() - t
+                         - (ctx.seconds.get("features", 0.0)
+                            - features_before))
+    described[name] = evaluator.describe(ctx)
+  report["protocol"] = described
+  return report
 
 
 def evaluate(workdir: str, options: EvalOptions = EvalOptions(), *,
@@ -334,105 +174,36 @@ def evaluate(workdir: str, options: EvalOptions = EvalOptions(), *,
   if unknown or not options.protocols:
     raise ValueError(f"protocols must be a non-empty subset of "
                      f"{ALL_PROTOCOLS}, got {options.protocols}")
-  protocols = set(options.protocols)
   t0 = time.time()
   setup, state = load_state(workdir, options.step, mesh)
   config = setup.config
-  num_classes = config.dataset.num_classes
-  names = class_names(config)
   step = int(jax.device_get(state.step))
   out_dir = options.out_dir or os.path.join(os.fspath(workdir), "eval")
-  seconds = {"restore": time.time() - t0}
-
-  t = time.time()
-  feature_fn = make_feature_fn(setup)
-  test = extract_features(setup, state, config.dataset.eval_split,
-                          options.batch_size, options.max_examples,
-                          feature_fn)
-  tr = None
-  if protocols & set(_NEEDS_TRAIN):
-    tr = extract_features(setup, state, config.dataset.train_split,
-                          options.batch_size, options.max_examples,
-                          feature_fn)
-  seconds["features"] = time.time() - t
-  feature_dim = int(test["z"].shape[1])
+  ctx = base.Context(config, out_dir, options, setup=setup, state=state,
+                     title=f"step {step}")
+  ctx.seconds["restore"] = time.time() - t0
+  test = ctx.test
+  results = run_evaluators(ctx, set(options.protocols))
+  train_split = config.dataset.train_split
   report: dict[str, Any] = {
       "method": config.method, "step": step,
       "dataset": config.dataset.name,
-      "num_train_examples": None if tr is None else int(tr["label"].size),
+      "num_train_examples": (int(ctx.train["label"].size)
+                             if ctx.has_features(train_split) else None),
       "num_test_examples": int(test["label"].size),
-      "backbone_dim": int(test["h"].shape[1]), "feature_dim": feature_dim,
+      "backbone_dim": int(test["h"].shape[1]),
+      "feature_dim": int(test["z"].shape[1]),
   }
-
-  if "linear" in protocols:
-    t = time.time()
-    acc = linear_probe.linear_eval(tr["h"], tr["label"], test["h"],
-                                   test["label"], num_classes, options.probe)
-    report.update(linear_top1=acc["top1"], linear_top5=acc["top5"],
-                  linear_train_top1=acc["train_top1"])
-    seconds["linear"] = time.time() - t
-  if "knn" in protocols:
-    t = time.time()
-    knn = metrics.knn_accuracy(tr["h"], tr["label"], test["h"], test["label"],
-                               num_classes, k=options.knn_k,
-                               temperature=options.knn_temperature)
-    report.update(knn_top1=knn["top1"], knn_top5=knn["top5"])
-    seconds["knn"] = time.time() - t
-  if "interp" in protocols:
-    t = time.time()
-    # Includes retrieval_precision_at_10 on all dims of z.
-    report.update(metrics.interpretability_report(
-        test["z"], test["label"], num_classes,
-        top_k=options.consistency_top_k))
-    per_sample = metrics.active_dims_per_sample(test["z"])
-    report["active_dims_per_sample_mean"] = float(np.mean(per_sample))
-    if "gate_mask" in test:
-      report["gate_open_rate"] = float(np.mean(test["gate_mask"]))
-    seconds["interp"] = time.time() - t
-  elif "retrieval" in protocols:
-    t = time.time()
-    report["retrieval_precision_at_10"] = metrics.retrieval_precision_at_k(
-        test["z"], test["label"], k=min(10, test["z"].shape[0] - 1))
-    seconds["retrieval"] = time.time() - t
-  if "selection" in protocols:
-    t = time.time()
-    sel = feature_selection(tr["z"], tr["label"], test["z"], test["label"],
-                            num_classes, options.selection_ks, options.probe,
-                            retrieval="retrieval" in protocols)
-    report["feature_selection"] = sel["curve"]
-    report["feature_selection_ranking"] = sel["ranking"]
-    seconds["selection"] = time.time() - t
-  grid = None
-  if "grids" in protocols and metrics.active_dims(test["z"]) < 1:
-    # Every gate closed / every unit dead: report the metrics, draw nothing.
-    logging.warning("No projector dim is active on the test split: no "
-                    "top-activation grid.")
-  elif "grids" in protocols:
-    t = time.time()
-    grid = top_activation_examples(config, config.dataset.eval_split, test,
-                                   options.grid_dims, options.grid_images)
-    report["top_activation_purity"] = float(
-        np.mean(plots.row_purity(grid["labels"])))
-    seconds["grids"] = time.time() - t
-
-  report["protocol"] = {
-      "protocols": sorted(protocols),
-      "max_examples": options.max_examples,
-      "linear_probe": dataclasses.asdict(options.probe),
-      "linear_probe_features": "h (backbone, eval mode)",
-      "knn": {"k": options.knn_k, "temperature": options.knn_temperature,
-              "features": "h", "similarity": "cosine"},
-      "interp_features": "z of the test split (eval-mode gate)",
-      "consistency_top_k": options.consistency_top_k,
-      "selection_ranking": "sum |z| over the train split",
-      "effective_rank": "exp(entropy of normalised singular values)",
-      "semantic_entropy": "natural log (nats)",
-  }
-  seconds["total"] = time.time() - t0
-  report["seconds"] = seconds
+  report.update(results)
+  report["protocol"] = {"protocols": sorted(options.protocols),
+                        "max_examples": options.max_examples,
+                        **results["protocol"]}
+  ctx.seconds["total"] = time.time() - t0
+  report["seconds"] = dict(ctx.seconds)
   report = _clean(report)
-  if jax.process_index() == 0:
-    write_outputs(out_dir, report, test, grid, names, feature_dim)
+  if ctx.is_writer:
+    ctx.write_text("report.json", json.dumps(report, indent=2))
+    ctx.write_text("report.md", report_markdown(report))
   return report
 
 
@@ -499,44 +270,25 @@ def report_markdown(report: dict[str, Any]) -> str:
                    f"{_fmt(p['linear_top5'])} |"
                    + (f" {_fmt(p['retrieval_precision_at_10'])} |"
                       if has_ret else ""))
-  probe = report["protocol"]["linear_probe"]
-  lines += ["", "## Protocol", "",
-            f"- linear probe on frozen h: SGD momentum {probe['momentum']}, "
-            f"lr {probe['lr']} (cosine), batch {probe['batch_size']}, "
-            f"{probe['epochs']} epochs, weight decay {probe['weight_decay']},"
-            f" features {'standardised (train mean/std)' if probe['standardize'] else 'raw'}.",
-            f"- kNN: cosine, k={report['protocol']['knn']['k']}, "
-            f"T={report['protocol']['knn']['temperature']}.",
-            "- interpretability on the test split's z with the trained gate; "
-            "activity threshold |z| > 1e-5.",
-            f"- wall time: {report['seconds']['total']:.1f} s."]
+  protocol = report["protocol"]
+  lines += ["", "## Protocol", ""]
+  if "linear" in protocol:
+    probe = protocol["linear"]
+    lines.append(
+        f"- linear probe on frozen h: SGD momentum {probe['momentum']}, "
+        f"lr {probe['lr']} (cosine), batch {probe['batch_size']}, "
+        f"{probe['epochs']} epochs, weight decay {probe['weight_decay']}, "
+        "features "
+        f"{'standardised (train mean/std)' if probe['standardize'] else 'raw'}"
+        ".")
+  if "knn" in protocol:
+    lines.append(f"- kNN: cosine, k={protocol['knn']['k']}, "
+                 f"T={protocol['knn']['temperature']}.")
+  if "interp" in protocol:
+    lines.append("- interpretability on the test split's z with the trained "
+                 "gate; activity threshold |z| > 1e-5.")
+  lines.append(f"- wall time: {report['seconds']['total']:.1f} s.")
   return "\n".join(lines) + "\n"
-
-
-def write_outputs(out_dir: str, report: dict[str, Any],
-                  test: dict[str, np.ndarray], grid, names, feature_dim: int):
-  """report.json, report.md and the figures into out_dir."""
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
-  with open(os.path.join(out_dir, "report.md"), "w") as f:
-    f.write(report_markdown(report))
-  title = f"{report['method']}, step {report['step']}"
-  plots.active_dims_histogram(metrics.active_dims_per_sample(test["z"]),
-                              feature_dim,
-                              os.path.join(out_dir, "active_dims_hist.png"),
-                              title)
-  if report.get("feature_selection"):
-    plots.selection_curve({report["method"]: report["feature_selection"]},
-                          os.path.join(out_dir, "feature_selection.png"),
-                          title)
-  if grid is not None:
-    np.savez_compressed(os.path.join(out_dir, "top_activations.npz"), **grid)
-    plots.top_activation_grid(grid["images"], grid["labels"], grid["dims"],
-                              names,
-                              os.path.join(out_dir, "top_activations.png"),
-                              f"{title}: test images activating each of "
-                              "the most active dims most")
 
 
 # ----------------------------------------------------------------------------
