@@ -4,15 +4,22 @@ The features are extracted once (see `evaluate.extract_features`); the probe
 then never touches the network again, so a 50-epoch probe over 60k features
 is one jitted call of a few seconds instead of 50 passes through a ResNet.
 
-Protocol (METHOD.md §5): SGD with momentum 0.9, no weight decay by default,
-a cosine-decayed learning rate, mini-batches of `batch_size` drawn from a
-fresh permutation every epoch. Unlike the authors' probe the features are
-*standardised* by default with the train split's per-dim mean and standard
-deviation: SGD's stable learning rate then does not depend on the feature
-scale, which differs by orders of magnitude between `h` (pooled ReLU maps)
-and a few selected dims of the unit-norm `z`; one learning rate serves
-every protocol. The test features are standardised with the *train*
-statistics, so nothing about the test split leaks into the probe.
+Defaults (the project's fast probe, used by the Fashion-MNIST demo): SGD
+with momentum 0.9, no weight decay, a cosine-decayed learning rate,
+mini-batches of `batch_size` drawn from a fresh permutation every epoch.
+Unlike the authors' probe the features are *standardised* by default with
+the train split's per-dim mean and standard deviation: SGD's stable
+learning rate then does not depend on the feature scale, which differs by
+orders of magnitude between `h` (pooled ReLU maps) and a few selected dims
+of the unit-norm `z`; one learning rate serves every protocol. The test
+features are standardised with the *train* statistics, so nothing about the
+test split leaks into the probe.
+
+The papers' recipes (METHOD.md §5, set by the CIFAR and ImageNet-100
+configs) are other values of the same `ProbeConfig`: raw features, LARS or
+SGD, warmup-cosine or step schedules. `make_optimizer` builds the optax
+transformation for any of them; the augmented probe and fine-tuning
+(`supervised.py`) use it too.
 """
 from __future__ import annotations
 
@@ -26,20 +33,36 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bayesncl_jax import optim
+
 __all__ = ["ProbeConfig", "LinearProbe", "train_linear_probe",
-           "probe_accuracy", "linear_eval"]
+           "probe_accuracy", "linear_eval", "make_optimizer", "learning_rate"]
 
 # A dim whose train-split std is below this is constant (e.g. a dead ReLU
 # dim of z): it is centred but not scaled, instead of divided by ~0.
 _MIN_STD = 1e-6
 
 
+OPTIMIZERS = ("sgd", "lars")
+SCHEDULES = ("cosine", "warmup_cosine", "step", "constant")
+
+
 @dataclasses.dataclass(frozen=True)
 class ProbeConfig:
-  """Hyper-parameters of the linear probe.
+  """Hyper-parameters of the linear probe (and of fine-tuning).
 
-  lr is the peak learning rate of the cosine schedule (decayed to 0 over
-  epochs · ⌊N / batch_size⌋ steps); standardize: see the module docstring.
+  optimizer: "sgd" (heavy-ball momentum, PyTorch order; weight decay added
+    to the gradient of the weights W, not the bias) or "lars" (solo-learn's
+    LARS, `optim.lars`: trust coefficient, clip_lr, bias excluded).
+  schedule, per step (T = epochs · steps per epoch):
+    "cosine"        lr → 0 by a cosine over T;
+    "warmup_cosine" linear warmup from warmup_start_lr over warmup_epochs,
+                    then cosine to 0 (`optim.learning_rate_schedule`);
+    "step"          lr × 0.1 at each epoch in decay_epochs;
+    "constant"      lr throughout.
+  lr is used as given (no batch-size scaling). standardize: see the module
+  docstring (pre-extracted features only; the augmented probe and
+  fine-tuning see images).
   """
   epochs: int = 50
   batch_size: int = 256
@@ -48,6 +71,69 @@ class ProbeConfig:
   weight_decay: float = 0.0
   standardize: bool = True
   seed: int = 0
+  optimizer: str = "sgd"
+  schedule: str = "cosine"
+  warmup_epochs: float = 0.0
+  decay_epochs: tuple[int, ...] = ()
+  warmup_start_lr: float = 3e-5
+  trust_coefficient: float = 0.02
+  clip_lr: bool = True
+
+  def __post_init__(self):
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(f"probe optimizer must be one of {OPTIMIZERS}, got "
+                       f"{self.optimizer!r}")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"probe schedule must be one of {SCHEDULES}, got "
+                       f"{self.schedule!r}")
+    if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+      raise ValueError(f"probe epochs, batch_size and lr must be positive: "
+                       f"{self}")
+    if not 0 <= self.warmup_epochs <= self.epochs:
+      raise ValueError(f"probe warmup_epochs={self.warmup_epochs} must lie "
+                       f"in [0, epochs={self.epochs}]")
+    object.__setattr__(self, "decay_epochs",
+                       tuple(int(e) for e in self.decay_epochs))
+
+
+def learning_rate(config: ProbeConfig, steps_per_epoch: int
+                  ) -> optax.Schedule:
+  """The per-step lr schedule of `config` (see ProbeConfig)."""
+  total = config.epochs * steps_per_epoch
+  if config.schedule == "cosine":
+    return optax.cosine_decay_schedule(config.lr, total)
+  if config.schedule == "warmup_cosine":
+    warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total)
+    return optim.learning_rate_schedule(config.lr, total, warmup,
+                                        config.warmup_start_lr)
+  if config.schedule == "step":
+    return optax.piecewise_constant_schedule(
+        config.lr, {e * steps_per_epoch: 0.1 for e in config.decay_epochs})
+  return optax.constant_schedule(config.lr)
+
+
+def _weights_only(params):
+  """True on weight matrices (ndim > 1), False on biases."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config: ProbeConfig, steps_per_epoch: int
+                   ) -> optax.GradientTransformation:
+  """The optax transformation of `config` (SGD or LARS with its schedule).
+
+  Works on any parameter tree (a probe's {"w", "b"} or a backbone + head):
+  weight decay and the LARS trust ratio apply to leaves with ndim > 1 that
+  are not named bias/scale (`optim.lars_mask`).
+  """
+  schedule = learning_rate(config, steps_per_epoch)
+  if config.optimizer == "lars":
+    return optim.lars(schedule, config.weight_decay, config.momentum,
+                      config.trust_coefficient, clip_lr=config.clip_lr)
+  return optax.chain(
+      optax.masked(optax.add_decayed_weights(config.weight_decay),
+                   optim.lars_mask),
+      optax.trace(decay=config.momentum, nesterov=False),
+      optax.scale_by_learning_rate(schedule))
 
 
 @flax.struct.dataclass
@@ -69,17 +155,15 @@ def _logits(w, b, x):
   return jnp.matmul(x, w, precision=jax.lax.Precision.HIGHEST) + b
 
 
-def _loss(params, x, y, weight_decay):
-  """mean_n CE(softmax(x_n W + b), y_n) + (wd / 2) ||W||²  (bias not decayed)."""
+def _loss(params, x, y):
+  """mean_n CE(softmax(x_n W + b), y_n) (weight decay is the optimizer's)."""
   logits = _logits(params["w"], params["b"], x)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-  return jnp.mean(ce) + 0.5 * weight_decay * jnp.sum(jnp.square(params["w"]))
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "epochs",
-                                             "batch_size", "momentum"))
-def _train(x, y, rng, lr, weight_decay, *, num_classes, epochs, batch_size,
-           momentum):
+@functools.partial(jax.jit, static_argnames=("num_classes", "config",
+                                             "batch_size"))
+def _train(x, y, rng, *, num_classes, config, batch_size):
   """All epochs in one compiled loop: fori_loop(epochs) ∘ scan(batches).
 
   x: (N, D) standardised features, y: (N,) int labels. Each epoch draws a
@@ -89,15 +173,14 @@ def _train(x, y, rng, lr, weight_decay, *, num_classes, epochs, batch_size,
   """
   n, d = x.shape
   steps_per_epoch = n // batch_size
-  schedule = optax.cosine_decay_schedule(lr, epochs * steps_per_epoch)
-  tx = optax.sgd(schedule, momentum=momentum)
+  tx = make_optimizer(config, steps_per_epoch)
   params = {"w": jnp.zeros((d, num_classes), jnp.float32),
             "b": jnp.zeros((num_classes,), jnp.float32)}
   grad_fn = jax.value_and_grad(_loss)
 
   def step(carry, idx):
     params, opt_state = carry
-    loss, grads = grad_fn(params, x[idx], y[idx], weight_decay)
+    loss, grads = grad_fn(params, x[idx], y[idx])
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss
 
@@ -111,7 +194,7 @@ def _train(x, y, rng, lr, weight_decay, *, num_classes, epochs, batch_size,
     return params, opt_state, jnp.mean(losses)
 
   params, _, last_loss = jax.lax.fori_loop(
-      0, epochs, epoch, (params, tx.init(params), jnp.float32(0.0)))
+      0, config.epochs, epoch, (params, tx.init(params), jnp.float32(0.0)))
   return params, last_loss
 
 
@@ -142,8 +225,6 @@ def train_linear_probe(x, y, num_classes: int,
   x, y = _as_xy(x, y, "train")
   if int(y.min()) < 0 or int(y.max()) >= num_classes:
     raise ValueError(f"labels must lie in [0, {num_classes})")
-  if config.epochs < 1 or config.batch_size < 1 or not config.lr > 0:
-    raise ValueError(f"epochs, batch_size and lr must be positive: {config}")
   if config.standardize:
     mean = jnp.mean(x, axis=0)
     std = jnp.std(x, axis=0)
@@ -153,10 +234,8 @@ def train_linear_probe(x, y, num_classes: int,
     std = jnp.ones((x.shape[1],), jnp.float32)
   params, last_loss = _train(
       (x - mean) / std, y, jax.random.key(config.seed),
-      jnp.float32(config.lr), jnp.float32(config.weight_decay),
-      num_classes=int(num_classes), epochs=int(config.epochs),
-      batch_size=int(min(config.batch_size, x.shape[0])),
-      momentum=float(config.momentum))
+      num_classes=int(num_classes), config=config,
+      batch_size=int(min(config.batch_size, x.shape[0])))
   return LinearProbe(mean, std, params["w"], params["b"]), float(last_loss)
 
 
