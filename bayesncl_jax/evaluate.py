@@ -1,40 +1,38 @@
-r"""Offline evaluation of a pre-trained checkpoint (METHOD.md §5).
+r"""Offline evaluation of a pre-trained checkpoint (METHOD.md §5, §9).
 
   python -m bayesncl_jax.evaluate --workdir=DIR [--step=N] \
-      [--protocols=linear,knn,interp,selection,retrieval,grids] \
-      [--linear_epochs=50] [--knn_k=20] [--max_examples=N]
+      [--protocols=linear,knn,interp,retrieval,feature_selection,grids,mechanism,finetune] \
+      [--linear_probe=features|augmented] [--linear_epochs=50] \
+      [--selection_rule=ncl|gated_z] [--save_features] [--max_examples=N]
 
-The config is the one the run saved (`DIR/config.json`); the state is the
-checkpoint of `--step` (default: the latest). Outputs go to `DIR/eval/`:
-report.json, report.md, top_activations.png (+ .npz), active_dims_hist.png,
-feature_selection.png.
+The config is the one the run saved (`DIR/config.json`); its `eval` fields
+give the protocol settings, which the flags override. The state is the
+checkpoint of `--step` (default: the latest). Outputs go to `DIR/eval/`
+(or --out_dir, local or gs://): report.json, report.md, dims.npz (per-dim
+arrays), the figures, and with --save_features features.npz.
 
-Protocols, with the authors' defects fixed:
-  features   Extracted ONCE per split by a jitted eval-mode forward (BN
-             running statistics, no augmentation, gate without noise at the
-             *trained* temperature/threshold and `config.gate.eval_mode`),
-             batch sharded over the mesh exactly as in training.
-  linear     Softmax probe on the frozen backbone features h (train split),
-             top-1/top-5 on the test split; SGD momentum 0.9, cosine lr,
-             features standardised with train statistics (`linear_probe`).
-  knn        Cosine kNN on h, votes weighted exp(s / T) (k=20, T=0.07).
-  interp     `metrics.interpretability_report` of the test split's z:
-             active dims, sparsity, class consistency (a fraction in [0, 1]),
-             label entropies, effective rank (exp of the singular-value
-             entropy), orthogonality (a scalar); plus the mean number of
-             active dims per sample and, for BayesNCL, the gate open rate.
-  retrieval  Cosine precision@10 on the test split's z (query excluded).
-  selection  Projector dims ranked by Σ_n |z_nd| on the TRAIN split; for
-             k = 1, 2, 4, …, D a linear probe on the top-k dims of z (train
-             → test); with `retrieval` also precision@10 on those k dims.
-  grids      For the most active test dims, the test images that activate
-             each most, captioned with their classes.
+One module per protocol in `bayesncl_jax/evaluators/` (each an `Evaluator`
+with `run(ctx) -> {metric: value}`); this module builds the context, runs
+the requested protocols in a fixed order and writes the report:
 
+  linear             linear probe on the frozen backbone h (`linear`:
+                     pre-extracted features or augmented images)
+  knn                weighted cosine kNN on h, train pool, test queries
+  interp             interpretability metrics of the test split's z
+  retrieval          cosine precision@10 on z, all-zero rows excluded
+  feature_selection  accuracy vs the k top-ranked dims (NCL's rule)
+  grids              top-activation pictures
+  mechanism          nuisance (background) dims, for datasets that have a
+                     nuisance label
+  finetune           backbone + head trained end to end (not by default)
+
+Features are extracted ONCE per split (`evaluators.features`) and shared.
 Memory: features are (N, D) host arrays; no N×N matrix is formed (kNN and
 retrieval map over query chunks in `metrics`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -55,10 +53,12 @@ from bayesncl_jax import train
 from bayesncl_jax.evaluators import base
 from bayesncl_jax.evaluators import feature_selection as feature_selection_lib
 from bayesncl_jax.evaluators import features as features_lib
+from bayesncl_jax.evaluators import finetune
 from bayesncl_jax.evaluators import interpretability
 from bayesncl_jax.evaluators import knn
 from bayesncl_jax.evaluators import linear
 from bayesncl_jax.evaluators import linear_probe
+from bayesncl_jax.evaluators import mechanism
 from bayesncl_jax.evaluators import pictures
 from bayesncl_jax.evaluators import retrieval
 
@@ -68,8 +68,10 @@ EVALUATORS = {e.name: e for e in (
     interpretability.InterpretabilityEvaluator,
     retrieval.RetrievalEvaluator,
     feature_selection_lib.FeatureSelectionEvaluator,
-    pictures.PicturesEvaluator)}
+    pictures.PicturesEvaluator, mechanism.MechanismEvaluator,
+    finetune.FinetuneEvaluator)}
 ALL_PROTOCOLS = tuple(EVALUATORS)
+DEFAULT_PROTOCOLS = base.DEFAULT_PROTOCOLS
 
 # Re-exported: the public names of this module before the protocols moved
 # to bayesncl_jax/evaluators/ (other tools import them from here).
@@ -143,8 +145,9 @@ def _clean(obj):
 def run_evaluators(ctx: base.Context, protocols) -> dict[str, Any]:
   """Runs the named protocols in EVALUATORS order on ctx; the raw report.
 
-  Returns {metric: value, ..., "protocol": {name: settings}, "seconds":
-  {name: s}} (the dataset/run fields are the caller's).
+  ctx.options must be resolved (`EvalOptions.resolve`). Returns {metric:
+  value, ..., "protocol": {name: settings}}; the time of each protocol
+  goes to ctx.seconds (the dataset/run fields are the caller's).
   """
   report: dict[str, Any] = {}
   described = {}
@@ -170,20 +173,25 @@ def evaluate(workdir: str, options: EvalOptions = EvalOptions(), *,
 
   Returns the report (the content of report.json).
   """
-  unknown = set(options.protocols) - set(ALL_PROTOCOLS)
-  if unknown or not options.protocols:
-    raise ValueError(f"protocols must be a non-empty subset of "
-                     f"{ALL_PROTOCOLS}, got {options.protocols}")
+  _check_protocols(options.protocols)
   t0 = time.time()
   setup, state = load_state(workdir, options.step, mesh)
   config = setup.config
+  options = options.resolve(config)
   step = int(jax.device_get(state.step))
-  out_dir = options.out_dir or os.path.join(os.fspath(workdir), "eval")
+  out_dir = epath.Path(options.out_dir or epath.Path(workdir) / "eval")
   ctx = base.Context(config, out_dir, options, setup=setup, state=state,
                      title=f"step {step}")
   ctx.seconds["restore"] = time.time() - t0
   test = ctx.test
   results = run_evaluators(ctx, set(options.protocols))
+  if ctx.dim_arrays:
+    ctx.save_npz("dims.npz", **ctx.dim_arrays)
+  if options.save_features:
+    t = time.time()
+    ctx.save_npz("features.npz",
+                 **features_lib.features_npz(ctx.train, ctx.test))
+    ctx.seconds["save_features"] = time.time() - t
   train_split = config.dataset.train_split
   report: dict[str, Any] = {
       "method": config.method, "step": step,
@@ -200,6 +208,7 @@ def evaluate(workdir: str, options: EvalOptions = EvalOptions(), *,
                         **results["protocol"]}
   ctx.seconds["total"] = time.time() - t0
   report["seconds"] = dict(ctx.seconds)
+  report["files"] = sorted(ctx.files + ["report.json", "report.md"])
   report = _clean(report)
   if ctx.is_writer:
     ctx.write_text("report.json", json.dumps(report, indent=2))
@@ -207,13 +216,24 @@ def evaluate(workdir: str, options: EvalOptions = EvalOptions(), *,
   return report
 
 
+def _check_protocols(protocols) -> None:
+  names = [base.PROTOCOL_ALIASES.get(p, p) for p in protocols]
+  unknown = set(names) - set(ALL_PROTOCOLS)
+  if unknown or not names:
+    raise ValueError(f"protocols must be a non-empty subset of "
+                     f"{ALL_PROTOCOLS}, got {tuple(protocols)}")
+
+
 # ----------------------------------------------------------------------------
 # Outputs.
 # ----------------------------------------------------------------------------
-# (key, label, how to read it) for report.md, in order.
+# (key, label, how to read it) for report.md, in order; a key that
+# contains {name} is a nuisance-label metric (one row per nuisance label).
 REPORT_ROWS = (
     ("linear_top1", "linear probe top-1 (h)", "higher is better"),
     ("linear_top5", "linear probe top-5 (h)", "higher is better"),
+    ("finetune_top1", "fine-tuning top-1", "higher is better"),
+    ("finetune_top5", "fine-tuning top-5", "higher is better"),
     ("knn_top1", "kNN top-1 (h)", "higher is better"),
     ("knn_top5", "kNN top-5 (h)", "higher is better"),
     ("active_dims", "active dims of z (of feature_dim)", "dims any test "
@@ -221,20 +241,56 @@ REPORT_ROWS = (
     ("active_dims_per_sample_mean", "active dims per sample (mean)",
      "lower = sparser"),
     ("sparsity", "sparsity", "fraction of zero entries of z"),
-    ("semantic_consistency", "semantic consistency", "fraction in [0, 1], "
-     "higher = more class-pure dims"),
+    ("semantic_consistency", "semantic consistency (papers')",
+     "share of the top class among a dim's active samples, mean over dims; "
+     "= largest class share by construction for dense CL features"),
+    ("top_k_consistency", "top-k consistency (by value)",
+     "the same among each dim's k largest values; comparable across "
+     "methods"),
+    ("top_k_consistency_k", "k of the top-k consistency", "min(k, N)"),
+    ("dim_support_min", "dim support (min)", "samples activating an "
+     "active dim"),
+    ("dim_support_median", "dim support (median)", "a dim on 1 sample "
+     "scores consistency 1.0"),
+    ("dims_with_support_below_k", "dims with support < k", "their top-k "
+     "set is smaller than k"),
     ("semantic_entropy", "semantic entropy (frequency)", "nats, lower = "
      "purer"),
     ("semantic_entropy_sum", "semantic entropy (sum of activations)",
      "nats"),
     ("semantic_entropy_mean", "semantic entropy (mean activation)", "nats"),
     ("effective_rank", "effective rank of z", "exp(singular-value entropy)"),
-    ("orthogonality", "orthogonality (mean |C - I|)", "0 = orthogonal dims"),
+    ("orthogonality", "orthogonality (mean abs(C - I), off-diagonal)",
+     "0 = orthogonal dims"),
+    ("disentanglement", "disentanglement (NCL: median abs(FᵀF - I))",
+     "over dims with summed activation > 10; 0 = orthogonal"),
+    ("disentanglement_dims", "dims in the disentanglement", ""),
     ("retrieval_precision_at_10", "retrieval precision@10 (z)",
-     "higher is better"),
+     "higher is better; all-zero rows excluded"),
+    ("retrieval_zero_rows", "all-zero rows of z (test)", "excluded from "
+     "retrieval"),
     ("top_activation_purity", "top-activation grid purity",
      "mean share of the top class in each grid row"),
     ("gate_open_rate", "gate open rate", "BayesNCL: mean of the eval mask"),
+    ("{name}_dims", "{name} dims", "{name} purity > class purity and > "
+     "threshold"),
+    ("class_dims", "class dims", "the other active dims"),
+    ("{name}_purity_threshold", "{name} purity threshold",
+     "factor x chance (1 / #values)"),
+    ("mean_class_purity", "mean class purity (z before the gate)", ""),
+    ("mean_{name}_purity", "mean {name} purity (z before the gate)", ""),
+    ("class_consistency_all_dims", "class consistency, all dims", "final z"),
+    ("class_consistency_without_{name}_dims",
+     "class consistency without {name} dims", "final z"),
+    ("gate_open_rate_{name}_dims", "gate open rate on {name} dims",
+     "the paper predicts lower"),
+    ("gate_open_rate_class_dims", "gate open rate on class dims", ""),
+    ("{name}_probe_top1_h", "{name} probe top-1 from h",
+     "lower = less {name} kept"),
+    ("{name}_probe_top1_z", "{name} probe top-1 from z",
+     "lower = less {name} kept"),
+    ("{name}_majority_share", "{name}: majority share (test)",
+     "what always guessing the commonest value gets"),
 )
 
 
@@ -246,6 +302,32 @@ def _fmt(value) -> str:
   return str(value)
 
 
+def _rows(report: dict[str, Any]):
+  names = report.get("protocol", {}).get("mechanism", {}).get(
+      "nuisance_labels", [])
+  for key, label, note in REPORT_ROWS:
+    if "{name}" in key:
+      for name in names:
+        yield (key.format(name=name), label.format(name=name),
+               note.format(name=name))
+    else:
+      yield key, label, note
+
+
+def _describe_probe(probe: dict[str, Any]) -> str:
+  schedule = probe["schedule"]
+  if schedule == "warmup_cosine":
+    schedule += f" ({probe['warmup_epochs']} warmup epochs)"
+  elif schedule == "step":
+    schedule += f" (x0.1 at epochs {probe['decay_epochs']})"
+  optimizer = ("SGD" if probe["optimizer"] == "sgd" else
+               f"LARS (eta {probe['trust_coefficient']}, clip_lr "
+               f"{probe['clip_lr']})")
+  return (f"{optimizer}, momentum {probe['momentum']}, lr {probe['lr']} "
+          f"{schedule}, batch {probe['batch_size']}, epochs {probe['epochs']}, "
+          f"weight decay {probe['weight_decay']}")
+
+
 def report_markdown(report: dict[str, Any]) -> str:
   """report.json as a readable markdown page."""
   lines = [f"# Evaluation: {report['method']} at step {report['step']}", "",
@@ -255,38 +337,61 @@ def report_markdown(report: dict[str, Any]) -> str:
            f"h has {report['backbone_dim']} dims, projector z "
            f"{report['feature_dim']}.", "",
            "| metric | value | note |", "|---|---|---|"]
-  for key, label, note in REPORT_ROWS:
+  for key, label, note in _rows(report):
     if key in report:
       lines.append(f"| {label} | {_fmt(report[key])} | {note} |")
   if report.get("feature_selection"):
     curve = report["feature_selection"]
     has_ret = "retrieval_precision_at_10" in curve[0]
-    lines += ["", "## Feature selection (dims ranked on the train split)", "",
+    lines += ["", "## Feature selection (dims ranked on the train split, "
+              f"rule `{report.get('feature_selection_rule')}`)", "",
               "| k | linear top-1 | linear top-5 |"
-              + (" retrieval P@10 |" if has_ret else ""),
-              "|---|---|---|" + ("---|" if has_ret else "")]
+              + (" retrieval P@10 | all-zero rows |" if has_ret else ""),
+              "|---|---|---|" + ("---|---|" if has_ret else "")]
     for p in curve:
       lines.append(f"| {p['k']} | {_fmt(p['linear_top1'])} | "
                    f"{_fmt(p['linear_top5'])} |"
-                   + (f" {_fmt(p['retrieval_precision_at_10'])} |"
-                      if has_ret else ""))
+                   + (f" {_fmt(p['retrieval_precision_at_10'])} | "
+                      f"{p['retrieval_zero_rows']} |" if has_ret else ""))
   protocol = report["protocol"]
   lines += ["", "## Protocol", ""]
   if "linear" in protocol:
     probe = protocol["linear"]
-    lines.append(
-        f"- linear probe on frozen h: SGD momentum {probe['momentum']}, "
-        f"lr {probe['lr']} (cosine), batch {probe['batch_size']}, "
-        f"{probe['epochs']} epochs, weight decay {probe['weight_decay']}, "
-        "features "
-        f"{'standardised (train mean/std)' if probe['standardize'] else 'raw'}"
-        ".")
+    if probe["mode"] == "augmented":
+      how = (f"random resized crop (scale {probe['crop_scale']}) + flip "
+             "every epoch through the frozen backbone, raw h")
+    else:
+      how = ("h extracted once, "
+             + ("standardised (train mean/std)" if probe["standardize"]
+                else "raw"))
+    lines.append(f"- linear probe ({probe['mode']}): {how}; "
+                 f"{_describe_probe(probe)}.")
+  if "finetune" in protocol:
+    lines.append("- fine-tuning: backbone + linear head on random resized "
+                 f"crops + flips; {_describe_probe(protocol['finetune'])}.")
   if "knn" in protocol:
-    lines.append(f"- kNN: cosine, k={protocol['knn']['k']}, "
-                 f"T={protocol['knn']['temperature']}.")
+    lines.append(f"- kNN on h: cosine, k={protocol['knn']['k']}, "
+                 f"T={protocol['knn']['temperature']}, pool = train split, "
+                 "queries = test split.")
   if "interp" in protocol:
     lines.append("- interpretability on the test split's z with the trained "
-                 "gate; activity threshold |z| > 1e-5.")
+                 "gate; activity threshold |z| > 1e-5; top-k consistency "
+                 "ranks each dim's samples by value.")
+  if "feature_selection" in protocol:
+    sel = protocol["feature_selection"]
+    lines.append(f"- feature selection, rule `{sel['rule']}`: ranking = "
+                 f"{sel['ranking']}; probe on {sel['probe_features']}.")
+  if "retrieval" in protocol:
+    lines.append("- retrieval: cosine on z, the query excluded; all-zero "
+                 "rows are neither queries nor neighbours.")
+  if "mechanism" in protocol:
+    mech = protocol["mechanism"]
+    if mech.get("nuisance_labels"):
+      lines.append(f"- mechanism ({', '.join(mech['nuisance_labels'])}): "
+                   f"a dim is a nuisance dim when {mech['nuisance_dim']}; "
+                   "purities on z before the gate.")
+    else:
+      lines.append("- mechanism: the dataset has no nuisance label.")
   lines.append(f"- wall time: {report['seconds']['total']:.1f} s.")
   return "\n".join(lines) + "\n"
 
@@ -298,45 +403,89 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-  """The command-line flags (defined only when run as a program)."""
+  """The command-line flags (defined only when run as a program).
+
+  Flags left unset take the run's config.eval values.
+  """
   flags.DEFINE_string("workdir", None, "Workdir of a bayesncl_jax.main run.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-  flags.DEFINE_list("protocols", list(ALL_PROTOCOLS),
-                    f"Subset of {','.join(ALL_PROTOCOLS)}.")
-  flags.DEFINE_integer("linear_epochs", 50, "Linear-probe epochs.")
-  flags.DEFINE_float("linear_lr", 0.1, "Linear-probe peak learning rate.")
-  flags.DEFINE_integer("linear_batch_size", 256, "Linear-probe batch size.")
-  flags.DEFINE_float("linear_weight_decay", 0.0, "Linear-probe L2 weight.")
-  flags.DEFINE_bool("linear_standardize", True, "Standardise probe inputs "
-                    "with the train split's per-dim mean/std.")
+  flags.DEFINE_list("protocols", list(DEFAULT_PROTOCOLS),
+                    f"Subset of {','.join(ALL_PROTOCOLS)} ('selection' = "
+                    "feature_selection).")
+  flags.DEFINE_enum("linear_probe", None, list(base.LINEAR_PROBES),
+                    "features: probe on h extracted once; augmented: crop + "
+                    "flip every epoch through the frozen backbone. Default: "
+                    "config.eval.linear_probe.")
+  flags.DEFINE_integer("linear_epochs", None, "Linear-probe epochs.")
+  flags.DEFINE_float("linear_lr", None, "Linear-probe peak learning rate.")
+  flags.DEFINE_integer("linear_batch_size", None, "Linear-probe batch size.")
+  flags.DEFINE_float("linear_weight_decay", None, "Linear-probe weight "
+                     "decay.")
+  flags.DEFINE_enum("linear_optimizer", None, list(linear_probe.OPTIMIZERS),
+                    "Linear-probe (and fine-tuning) optimiser.")
+  flags.DEFINE_enum("linear_schedule", None, list(linear_probe.SCHEDULES),
+                    "Linear-probe (and fine-tuning) lr schedule.")
+  flags.DEFINE_bool("linear_standardize", None, "Standardise the features "
+                    "probe's inputs with the train split's per-dim mean/std.")
+  flags.DEFINE_integer("finetune_epochs", None, "Fine-tuning epochs.")
+  flags.DEFINE_enum("selection_rule", None, list(base.SELECTION_RULES),
+                    "Feature-selection ranking: ncl (METHOD.md §9) or "
+                    "gated_z (sum |z| of the final features).")
+  flags.DEFINE_integer("value_top_k", None, "k of the top-k-by-value class "
+                       "consistency.")
+  flags.DEFINE_float("nuisance_purity_factor", None, "A nuisance dim's "
+                     "nuisance purity must exceed this x chance.")
   flags.DEFINE_integer("knn_k", 20, "Neighbours of the kNN classifier.")
   flags.DEFINE_float("knn_temperature", 0.07, "kNN vote temperature.")
   flags.DEFINE_integer("max_examples", -1, "> 0: only the first N examples "
                        "of each split (smoke runs).")
   flags.DEFINE_integer("batch_size", 512, "Feature-extraction global batch.")
-  flags.DEFINE_integer("consistency_top_k", 0, "> 0: class consistency over "
-                       "each dim's top-k samples only; 0: all active ones.")
+  flags.DEFINE_integer("consistency_top_k", 0, "> 0: the papers' class "
+                       "consistency over each dim's top-k samples by |z| "
+                       "only; 0: all active ones.")
   flags.DEFINE_integer("grid_dims", 10, "Rows (dims) of the top-activation "
                        "grid.")
   flags.DEFINE_integer("grid_images", 10, "Images per grid row.")
+  flags.DEFINE_bool("save_features", False, "Write eval/features.npz "
+                    "(train/test h, z, labels; the eval gate for BayesNCL).")
   flags.DEFINE_string("out_dir", None, "Default: WORKDIR/eval.")
   flags.mark_flags_as_required(["workdir"])
   from bayesncl_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.define_flags()
 
 
-def options_from_flags() -> EvalOptions:
+# Flag -> ProbeConfig field, for the probe flags.
+_PROBE_FLAGS = {"linear_epochs": "epochs", "linear_lr": "lr",
+                "linear_batch_size": "batch_size",
+                "linear_weight_decay": "weight_decay",
+                "linear_optimizer": "optimizer",
+                "linear_schedule": "schedule",
+                "linear_standardize": "standardize"}
+
+
+def options_from_flags(config=None) -> EvalOptions:
+  """EvalOptions of the flags; probe flags override config.eval's probe."""
+  probe = None
+  overrides = {field: FLAGS[flag].value for flag, field in _PROBE_FLAGS.items()
+               if FLAGS[flag].value is not None}
+  if overrides:
+    config = config or train.load_config(FLAGS.workdir)
+    base_probe = EvalOptions().resolve(config).probe
+    if "epochs" in overrides:  # a shorter probe keeps a feasible warmup.
+      overrides["warmup_epochs"] = min(base_probe.warmup_epochs,
+                                       float(overrides["epochs"]))
+    probe = dataclasses.replace(base_probe, **overrides)
   return EvalOptions(
       step=FLAGS.step, protocols=tuple(FLAGS.protocols),
       batch_size=FLAGS.batch_size, max_examples=FLAGS.max_examples,
-      probe=linear_probe.ProbeConfig(
-          epochs=FLAGS.linear_epochs, batch_size=FLAGS.linear_batch_size,
-          lr=FLAGS.linear_lr, weight_decay=FLAGS.linear_weight_decay,
-          standardize=FLAGS.linear_standardize),
+      linear_probe=FLAGS.linear_probe, probe=probe,
+      finetune_epochs=FLAGS.finetune_epochs,
       knn_k=FLAGS.knn_k, knn_temperature=FLAGS.knn_temperature,
       consistency_top_k=FLAGS.consistency_top_k or None,
+      value_top_k=FLAGS.value_top_k, selection_rule=FLAGS.selection_rule,
+      nuisance_purity_factor=FLAGS.nuisance_purity_factor,
       grid_dims=FLAGS.grid_dims, grid_images=FLAGS.grid_images,
-      out_dir=FLAGS.out_dir)
+      save_features=FLAGS.save_features, out_dir=FLAGS.out_dir)
 
 
 def main(argv):
@@ -352,7 +501,7 @@ def main(argv):
     logging.error("%s", e)
     sys.exit(f"error: {e}")
   if jax.process_index() == 0:
-    out_dir = FLAGS.out_dir or os.path.join(FLAGS.workdir, "eval")
+    out_dir = FLAGS.out_dir or epath.Path(FLAGS.workdir) / "eval"
     print(report_markdown(report), flush=True)
     print(f"Wrote {out_dir}/report.json, report.md and figures.", flush=True)
 

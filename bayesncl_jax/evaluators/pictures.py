@@ -3,7 +3,10 @@
 For the most active test dims, the test images that activate each most,
 captioned with their classes (top_activations.png, and the arrays in
 top_activations.npz); `top_activation_purity` is the mean share of the most
-frequent class in each row.
+frequent class in each row. Rankings are by value, not |z|: dims by
+Σ_n max(z_nd, 0), images by the largest z_nd. For the non-negative NCL /
+BayesNCL features this is the same as |z|; a signed CL dim shows its
+positive end instead of a mix of both ends.
 """
 from __future__ import annotations
 
@@ -23,9 +26,9 @@ def top_activation_examples(config, split: str, feats: dict[str, np.ndarray],
                             n_dims: int, k: int) -> dict[str, np.ndarray]:
   """Images of the k samples activating each of the n_dims top dims most.
 
-  Dims ranked by Σ_n |z_nd| over `feats` (only dims some sample activates);
-  images re-read from the source by index and preprocessed as in
-  extraction. Returns {"dims": (R,), "indices": (R, k) source indices,
+  Dims ranked by Σ_n max(z_nd, 0) over `feats` (only dims some sample
+  activates), samples by the largest z_nd; images re-read from the source
+  by index and preprocessed as in extraction. Returns {"dims": (R,), "indices": (R, k) source indices,
   "labels": (R, k), "images": (R, k, S, S, C) uint8}, R <= n_dims.
   """
   z = feats["z"]
@@ -34,8 +37,8 @@ def top_activation_examples(config, split: str, feats: dict[str, np.ndarray],
   if n_dims < 1:
     raise base.EvaluationError("No projector dim is active on the test "
                                "split: there is nothing to draw.")
-  dims = metrics.most_active_dims(z, n_dims)
-  rows = metrics.top_activating_indices(z, dims, k)            # (R, k)
+  dims = metrics.most_active_dims(z, n_dims, rank_by="value")
+  rows = metrics.top_activating_indices(z, dims, k, rank_by="value")
   source = datasets.get_source(config.dataset, split)
   element = input_pipeline.EvalExample(
       source, 0, 1, config.dataset.image_size,
@@ -74,5 +77,5 @@ class PicturesEvaluator(base.Evaluator):
   def describe(self, ctx):
     return {"dims": self.options.grid_dims,
             "images_per_dim": self.options.grid_images,
-            "dim_ranking": "sum |z| over the test split",
-            "image_ranking": "largest |z| in the dim"}
+            "dim_ranking": "sum of max(z, 0) over the test split",
+            "image_ranking": "largest z (by value) in the dim"}
