@@ -463,29 +463,36 @@ _PROBE_FLAGS = {"linear_epochs": "epochs", "linear_lr": "lr",
                 "linear_standardize": "standardize"}
 
 
-def options_from_flags(config=None) -> EvalOptions:
-  """EvalOptions of the flags; probe flags override config.eval's probe."""
+def options_from_flags(values: dict[str, Any] | None = None,
+                       config=None) -> EvalOptions:
+  """EvalOptions from flag values (default: the parsed FLAGS).
+
+  Unset (None) flags leave the field to config.eval; the probe flags
+  override single fields of the run's probe (`config`, default: the one
+  saved in --workdir), and a shorter probe keeps a feasible warmup.
+  """
+  v = FLAGS.flag_values_dict() if values is None else values
   probe = None
-  overrides = {field: FLAGS[flag].value for flag, field in _PROBE_FLAGS.items()
-               if FLAGS[flag].value is not None}
+  overrides = {field: v[flag] for flag, field in _PROBE_FLAGS.items()
+               if v.get(flag) is not None}
   if overrides:
-    config = config or train.load_config(FLAGS.workdir)
+    config = config or train.load_config(v["workdir"])
     base_probe = EvalOptions().resolve(config).probe
-    if "epochs" in overrides:  # a shorter probe keeps a feasible warmup.
+    if "epochs" in overrides:
       overrides["warmup_epochs"] = min(base_probe.warmup_epochs,
                                        float(overrides["epochs"]))
     probe = dataclasses.replace(base_probe, **overrides)
   return EvalOptions(
-      step=FLAGS.step, protocols=tuple(FLAGS.protocols),
-      batch_size=FLAGS.batch_size, max_examples=FLAGS.max_examples,
-      linear_probe=FLAGS.linear_probe, probe=probe,
-      finetune_epochs=FLAGS.finetune_epochs,
-      knn_k=FLAGS.knn_k, knn_temperature=FLAGS.knn_temperature,
-      consistency_top_k=FLAGS.consistency_top_k or None,
-      value_top_k=FLAGS.value_top_k, selection_rule=FLAGS.selection_rule,
-      nuisance_purity_factor=FLAGS.nuisance_purity_factor,
-      grid_dims=FLAGS.grid_dims, grid_images=FLAGS.grid_images,
-      save_features=FLAGS.save_features, out_dir=FLAGS.out_dir)
+      step=v["step"], protocols=tuple(v["protocols"]),
+      batch_size=v["batch_size"], max_examples=v["max_examples"],
+      linear_probe=v["linear_probe"], probe=probe,
+      finetune_epochs=v["finetune_epochs"],
+      knn_k=v["knn_k"], knn_temperature=v["knn_temperature"],
+      consistency_top_k=v["consistency_top_k"] or None,
+      value_top_k=v["value_top_k"], selection_rule=v["selection_rule"],
+      nuisance_purity_factor=v["nuisance_purity_factor"],
+      grid_dims=v["grid_dims"], grid_images=v["grid_images"],
+      save_features=v["save_features"], out_dir=v["out_dir"])
 
 
 def main(argv):

@@ -387,3 +387,44 @@ def test_nuisance_dims_need_both_conditions():
   np.testing.assert_array_equal(
       mechanism.nuisance_dims(class_purity, nuisance_purity, 3, 1.5),
       [False, True, True, False, False])
+
+
+def test_command_line_flags_become_options():
+  flags = {"workdir": "unused", "step": None, "protocols": ["selection"],
+           "batch_size": 64, "max_examples": -1, "linear_probe": None,
+           "linear_epochs": 4, "linear_lr": None, "linear_batch_size": None,
+           "linear_weight_decay": None, "linear_optimizer": None,
+           "linear_schedule": None, "linear_standardize": None,
+           "finetune_epochs": None, "knn_k": 20, "knn_temperature": 0.07,
+           "consistency_top_k": 0, "value_top_k": None,
+           "selection_rule": "gated_z", "nuisance_purity_factor": None,
+           "grid_dims": 10, "grid_images": 10, "save_features": True,
+           "out_dir": None}
+  from bayesncl_jax import evaluate  # pylint: disable=g-import-not-at-top
+  cifar = config_lib.load_file(ROOT / "configs" / "cifar10.py")
+  options = evaluate.options_from_flags(flags, cifar).resolve(cifar)
+  # --linear_epochs=4 shortens the CIFAR recipe (and its 10-epoch warmup);
+  # everything else of the recipe stays.
+  assert (options.probe.epochs, options.probe.warmup_epochs,
+          options.probe.optimizer, options.probe.lr) == (4, 4.0, "lars", 0.4)
+  assert options.linear_probe == "augmented"
+  assert options.protocols == ("feature_selection",)
+  assert options.selection_rule == "gated_z" and options.save_features
+  assert options.consistency_top_k is None
+  flags["linear_epochs"] = None
+  assert evaluate.options_from_flags(flags, cifar).probe is None
+
+
+def test_zeroed_columns_train_like_sliced_ones_with_lars_and_decay():
+  rng = np.random.default_rng(9)
+  x, y = rng.normal(size=(128, 6)), rng.integers(0, 3, 128)
+  keep = np.array([1, 0, 1, 0, 0, 1], bool)
+  config = linear_probe.ProbeConfig(
+      epochs=3, batch_size=32, lr=0.4, weight_decay=1e-2, optimizer="lars",
+      schedule="warmup_cosine", warmup_epochs=1, standardize=False)
+  zeroed, _ = linear_probe.train_linear_probe(x * keep, y, 3, config)
+  sliced, _ = linear_probe.train_linear_probe(x[:, keep], y, 3, config)
+  np.testing.assert_allclose(np.asarray(zeroed.w)[keep], sliced.w,
+                             rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(np.asarray(zeroed.w)[~keep], 0.0)
+  np.testing.assert_allclose(zeroed.b, sliced.b, rtol=1e-5, atol=1e-7)
