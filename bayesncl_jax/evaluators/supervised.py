@@ -214,10 +214,10 @@ def train_supervised(setup: train.Setup, state, probe: linear_probe.ProbeConfig,
     n = min(n, int(max_examples))
   batch = _global_batch(probe.batch_size, n, mesh)
   steps_per_epoch = n // batch
-  config_epochs = dataclasses.replace(probe, epochs=int(epochs),
+  schedule_config = dataclasses.replace(probe, epochs=int(epochs),
                                       warmup_epochs=min(probe.warmup_epochs,
                                                         epochs))
-  tx = linear_probe.make_optimizer(config_epochs, steps_per_epoch)
+  tx = linear_probe.make_optimizer(schedule_config, steps_per_epoch)
   params = jax.device_get(state.params)
   batch_stats = jax.device_get(state.batch_stats)
   # The head's input size: one abstract forward of the encoder.
