@@ -1,35 +1,32 @@
-r"""Offline evaluation of a pre-trained checkpoint (METHOD.md §5).
+r"""Offline evaluation of a pre-trained checkpoint (METHOD.md §5, §9).
 
   python -m bayesncl_jax.evaluate --workdir=DIR [--step=N] \
-      [--protocols=linear,knn,interp,selection,retrieval,grids] \
-      [--linear_epochs=50] [--knn_k=20] [--max_examples=N]
+      [--protocols=linear,knn,interp,retrieval,feature_selection,grids,mechanism,finetune] \
+      [--linear_probe=features|augmented] [--linear_epochs=50] \
+      [--selection_rule=ncl|gated_z] [--save_features] [--max_examples=N]
 
-The config is the one the run saved (`DIR/config.json`); the state is the
-checkpoint of `--step` (default: the latest). Outputs go to `DIR/eval/`:
-report.json, report.md, top_activations.png (+ .npz), active_dims_hist.png,
-feature_selection.png.
+The config is the one the run saved (`DIR/config.json`); its `eval` fields
+give the protocol settings, which the flags override. The state is the
+checkpoint of `--step` (default: the latest). Outputs go to `DIR/eval/`
+(or --out_dir, local or gs://): report.json, report.md, dims.npz (per-dim
+arrays), the figures, and with --save_features features.npz.
 
-Protocols, with the authors' defects fixed:
-  features   Extracted ONCE per split by a jitted eval-mode forward (BN
-             running statistics, no augmentation, gate without noise at the
-             *trained* temperature/threshold and `config.gate.eval_mode`),
-             batch sharded over the mesh exactly as in training.
-  linear     Softmax probe on the frozen backbone features h (train split),
-             top-1/top-5 on the test split; SGD momentum 0.9, cosine lr,
-             features standardised with train statistics (`linear_probe`).
-  knn        Cosine kNN on h, votes weighted exp(s / T) (k=20, T=0.07).
-  interp     `metrics.interpretability_report` of the test split's z:
-             active dims, sparsity, class consistency (a fraction in [0, 1]),
-             label entropies, effective rank (exp of the singular-value
-             entropy), orthogonality (a scalar); plus the mean number of
-             active dims per sample and, for BayesNCL, the gate open rate.
-  retrieval  Cosine precision@10 on the test split's z (query excluded).
-  selection  Projector dims ranked by Σ_n |z_nd| on the TRAIN split; for
-             k = 1, 2, 4, …, D a linear probe on the top-k dims of z (train
-             → test); with `retrieval` also precision@10 on those k dims.
-  grids      For the most active test dims, the test images that activate
-             each most, captioned with their classes.
+One module per protocol in `bayesncl_jax/evaluators/` (each an `Evaluator`
+with `run(ctx) -> {metric: value}`); this module builds the context, runs
+the requested protocols in a fixed order and writes the report:
 
+  linear             linear probe on the frozen backbone h (`linear`:
+                     pre-extracted features or augmented images)
+  knn                weighted cosine kNN on h, train pool, test queries
+  interp             interpretability metrics of the test split's z
+  retrieval          cosine precision@10 on z, all-zero rows excluded
+  feature_selection  accuracy vs the k top-ranked dims (NCL's rule)
+  grids              top-activation pictures
+  mechanism          nuisance (background) dims, for datasets that have a
+                     nuisance label
+  finetune           backbone + head trained end to end (not by default)
+
+Features are extracted ONCE per split (`evaluators.features`) and shared.
 Memory: features are (N, D) host arrays; no N×N matrix is formed (kNN and
 retrieval map over query chunks in `metrics`).
 """
@@ -41,7 +38,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -51,63 +48,41 @@ import numpy as np
 from etils import epath
 
 from bayesncl_jax import cli
-from bayesncl_jax import augment
 from bayesncl_jax import config_lib
-from bayesncl_jax import datasets
-from bayesncl_jax import input_pipeline
-from bayesncl_jax import linear_probe
-from bayesncl_jax import metrics
-from bayesncl_jax import plots
-from bayesncl_jax import sharding
 from bayesncl_jax import train
+from bayesncl_jax.evaluators import base
+from bayesncl_jax.evaluators import feature_selection as feature_selection_lib
+from bayesncl_jax.evaluators import features as features_lib
+from bayesncl_jax.evaluators import finetune
+from bayesncl_jax.evaluators import interpretability
+from bayesncl_jax.evaluators import knn
+from bayesncl_jax.evaluators import linear
+from bayesncl_jax.evaluators import linear_probe
+from bayesncl_jax.evaluators import mechanism
+from bayesncl_jax.evaluators import pictures
+from bayesncl_jax.evaluators import retrieval
 
-ALL_PROTOCOLS = ("linear", "knn", "interp", "selection", "retrieval", "grids")
-# Protocols that need the train split's features.
-_NEEDS_TRAIN = ("linear", "knn", "selection")
+# The protocols, in the order they run.
+EVALUATORS = {e.name: e for e in (
+    linear.LinearEvaluator, knn.KnnEvaluator,
+    interpretability.InterpretabilityEvaluator,
+    retrieval.RetrievalEvaluator,
+    feature_selection_lib.FeatureSelectionEvaluator,
+    pictures.PicturesEvaluator, mechanism.MechanismEvaluator,
+    finetune.FinetuneEvaluator)}
+ALL_PROTOCOLS = tuple(EVALUATORS)
+DEFAULT_PROTOCOLS = base.DEFAULT_PROTOCOLS
 
-CLASS_NAMES = {
-    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog",
-                "frog", "horse", "ship", "truck"),
-}
-
-
-class EvaluationError(RuntimeError):
-  """The workdir cannot be evaluated (no checkpoint, unknown step, ...)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalOptions:
-  """What to evaluate and how; the defaults are the documented protocol.
-
-  max_examples > 0 keeps only the first max_examples of each split (smoke
-  runs). consistency_top_k = None: class consistency over all activating
-  samples of a dim (§5); an int restricts it to each dim's top_k samples.
-  selection_ks = None: 1, 2, 4, … below D, then D.
-  """
-  step: int | None = None
-  protocols: tuple[str, ...] = ALL_PROTOCOLS
-  batch_size: int = 512
-  max_examples: int = -1
-  probe: linear_probe.ProbeConfig = linear_probe.ProbeConfig()
-  knn_k: int = 20
-  knn_temperature: float = 0.07
-  consistency_top_k: int | None = None
-  selection_ks: tuple[int, ...] | None = None
-  grid_dims: int = 10
-  grid_images: int = 10
-  out_dir: str | None = None  # default: workdir/eval
-
-
-def class_names(config) -> tuple[str, ...]:
-  """Human-readable class names of config.dataset (label i -> names[i])."""
-  name = config.dataset.name
-  if name in CLASS_NAMES:
-    return CLASS_NAMES[name]
-  if name == "imagenet100":
-    return tuple(datasets.imagenet100_classes())
-  return tuple(str(i) for i in range(config.dataset.num_classes))
+# Re-exported: the public names of this module before the protocols moved
+# to bayesncl_jax/evaluators/ (other tools import them from here).
+EvalOptions = base.EvalOptions
+EvaluationError = base.EvaluationError
+class_names = base.class_names
+make_feature_fn = features_lib.make_feature_fn
+extract_features = features_lib.extract_features
+feature_selection = feature_selection_lib.feature_selection
+default_selection_ks = feature_selection_lib.default_selection_ks
+top_activation_examples = pictures.top_activation_examples
 
 
 # ----------------------------------------------------------------------------
@@ -148,163 +123,6 @@ def load_state(workdir: str, step: int | None = None, mesh=None
 
 
 # ----------------------------------------------------------------------------
-# Feature extraction.
-# ----------------------------------------------------------------------------
-def make_feature_fn(setup: train.Setup):
-  """Jitted `(params, batch_stats, batch) -> features`, batch over `data`.
-
-  batch: {"image": uint8 (B, S, S, C), "label", "mask", "index": (B,)}
-  sharded over the mesh. Returns replicated {"h": (B, d_h), "z": (B, D),
-  "label", "mask", "index"[, "gate_mask": (B, D)]}: replicated outputs are
-  addressable on every host, so each process can read the whole batch.
-  """
-  config, model = setup.config, setup.model
-  mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
-  dtype = train.compute_dtype(config)
-
-  def forward(params, batch_stats, batch):
-    x = augment.normalize(batch["image"], mean, std, dtype)
-    out = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                      train=False)
-    feats = {"h": out["h"], "z": out["z"], "label": batch["label"],
-             "mask": batch["mask"], "index": batch["index"]}
-    if "gate_mask" in out:
-      feats["gate_mask"] = out["gate_mask"]
-    return feats
-
-  rep = sharding.replicated(setup.mesh)
-  return jax.jit(forward,
-                 in_shardings=(rep, rep, sharding.batch_sharding(setup.mesh)),
-                 out_shardings=rep)
-
-
-def _global_eval_batch(batch_size: int, mesh) -> int:
-  # A multiple of the device count (the batch is split over devices), and so
-  # of the process count.
-  return max(mesh.size, batch_size // mesh.size * mesh.size)
-
-
-def extract_features(setup: train.Setup, state: train.TrainState, split: str,
-                     batch_size: int = 512, max_examples: int = -1,
-                     feature_fn=None) -> dict[str, np.ndarray]:
-  """Eval-mode features of `split`, each real example exactly once.
-
-  Returns host arrays, padding removed: h (N, d_h), z (N, D), label (N,),
-  index (N,) (the example's index in `datasets.get_source(split)`) and for
-  BayesNCL gate_mask (N, D). max_examples > 0 stops after the batches that
-  cover that many examples and keeps the first max_examples rows.
-  """
-  mesh = setup.mesh
-  batch_size = _global_eval_batch(batch_size, mesh)
-  feature_fn = feature_fn or make_feature_fn(setup)
-  n_batches = input_pipeline.num_eval_batches(setup.config, split, batch_size)
-  if max_examples > 0:
-    n_batches = min(n_batches, math.ceil(max_examples / batch_size))
-  p, n_proc = jax.process_index(), jax.process_count()
-  local = batch_size // n_proc
-  it = input_pipeline.create_eval_iterator(setup.config, split, batch_size)
-  chunks = []
-  for b, batch in zip(range(n_batches), it):
-    # Process p's position j of batch b is its example p + (b·local + j)·P
-    # (EvalExample's striding); the index travels with the row.
-    batch["index"] = (p + (b * local + np.arange(local)) * n_proc).astype(
-        np.int32)
-    out = feature_fn(state.params, state.batch_stats,
-                     sharding.make_global_batch(batch, mesh))
-    chunks.append(jax.device_get(out))
-  del it
-  feats = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-  keep = feats.pop("mask").astype(bool)
-  feats = {k: v[keep] for k, v in feats.items()}
-  if max_examples > 0:
-    feats = {k: v[:max_examples] for k, v in feats.items()}
-  return feats
-
-
-# ----------------------------------------------------------------------------
-# Protocols on extracted features.
-# ----------------------------------------------------------------------------
-def default_selection_ks(feature_dim: int) -> tuple[int, ...]:
-  """1, 2, 4, … (powers of two below D), then D itself."""
-  ks = [1 << i for i in range(max(feature_dim - 1, 0).bit_length())
-        if 1 << i < feature_dim]
-  return tuple(ks + [feature_dim])
-
-
-def feature_selection(train_z, train_y, test_z, test_y, num_classes: int,
-                      ks: Sequence[int] | None = None,
-                      probe: linear_probe.ProbeConfig = (
-                          linear_probe.ProbeConfig()),
-                      retrieval: bool = True) -> dict[str, Any]:
-  """NCL's feature-selection protocol.
-
-  Dims ranked by Σ_n |train_z_nd| (metrics.most_active_dims on the TRAIN
-  split: the test split chooses nothing); for each k the top-k dims of z
-  feed a linear probe (train → test) and, if `retrieval`, cosine
-  precision@10 on the test split.
-
-  The k dims are kept by zeroing the other columns rather than slicing
-  them: a zero input column has zero mean, unit (fallback) std and zero
-  gradient, so its probe weights stay at their zero init, and it adds
-  nothing to dot products or norms. The results are those of a probe /
-  retrieval on the k dims alone, with one compiled shape for every k.
-
-  train_z: (N_tr, D), test_z: (N_te, D). Returns {"ranking": (D,) dims in
-  descending activation, "curve": [{"k", "linear_top1", "linear_top5"
-  [, "retrieval_precision_at_10"]}, ...]}.
-  """
-  train_z = np.asarray(train_z, np.float32)
-  test_z = np.asarray(test_z, np.float32)
-  d = train_z.shape[1]
-  ks = default_selection_ks(d) if ks is None else tuple(sorted(set(ks)))
-  if not ks or ks[0] < 1 or ks[-1] > d:
-    raise ValueError(f"selection ks must lie in [1, {d}], got {ks}")
-  ranking = metrics.most_active_dims(train_z, d)
-  curve = []
-  for k in ks:
-    keep = np.zeros((d,), np.float32)
-    keep[ranking[:k]] = 1.0
-    tr, te = train_z * keep, test_z * keep
-    acc = linear_probe.linear_eval(tr, train_y, te, test_y, num_classes,
-                                   probe)
-    point = {"k": int(k), "linear_top1": acc["top1"],
-             "linear_top5": acc["top5"]}
-    if retrieval and te.shape[0] > 10:
-      point["retrieval_precision_at_10"] = metrics.retrieval_precision_at_k(
-          te, test_y, k=10)
-    curve.append(point)
-  return {"ranking": [int(x) for x in ranking], "curve": curve}
-
-
-def top_activation_examples(config, split: str, feats: dict[str, np.ndarray],
-                            n_dims: int, k: int) -> dict[str, np.ndarray]:
-  """Images of the k samples activating each of the n_dims top dims most.
-
-  Dims ranked by Σ_n |z_nd| over `feats` (only dims some sample activates);
-  images re-read from the source by index and preprocessed as in
-  extraction. Returns {"dims": (R,), "indices": (R, k) source indices,
-  "labels": (R, k), "images": (R, k, S, S, C) uint8}, R <= n_dims.
-  """
-  z = feats["z"]
-  n_dims = int(min(n_dims, metrics.active_dims(z)))
-  k = int(min(k, z.shape[0]))
-  if n_dims < 1:
-    raise EvaluationError("No projector dim is active on the test split: "
-                          "there is nothing to draw.")
-  dims = metrics.most_active_dims(z, n_dims)
-  rows = metrics.top_activating_indices(z, dims, k)            # (R, k)
-  source = datasets.get_source(config.dataset, split)
-  element = input_pipeline.EvalExample(
-      source, 0, 1, config.dataset.image_size,
-      center_crop=config.dataset.name == "imagenet100")
-  indices = feats["index"][rows]
-  images = np.stack([np.stack([element.map(int(i))["image"] for i in row])
-                     for row in indices])
-  return {"dims": np.asarray(dims), "indices": indices,
-          "labels": feats["label"][rows], "images": images}
-
-
-# ----------------------------------------------------------------------------
 # The evaluation.
 # ----------------------------------------------------------------------------
 def _finite_or_none(value):
@@ -319,9 +137,34 @@ def _clean(obj):
     return {k: _clean(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
     return [_clean(v) for v in obj]
-  if isinstance(obj, (np.floating, np.integer)):
+  if isinstance(obj, (np.floating, np.integer, np.bool_)):
     obj = obj.item()
   return _finite_or_none(obj)
+
+
+def run_evaluators(ctx: base.Context, protocols) -> dict[str, Any]:
+  """Runs the named protocols in EVALUATORS order on ctx; the raw report.
+
+  ctx.options must be resolved (`EvalOptions.resolve`). Returns {metric:
+  value, ..., "protocol": {name: settings}}; the time of each protocol
+  goes to ctx.seconds (the dataset/run fields are the caller's).
+  """
+  report: dict[str, Any] = {}
+  described = {}
+  for name, cls in EVALUATORS.items():
+    if name not in protocols:
+      continue
+    evaluator = cls(ctx.options)
+    t = time.time()
+    features_before = ctx.seconds.get("features", 0.0)
+    report.update(evaluator.run(ctx))
+    # Feature extraction triggered by this protocol is timed on its own.
+    ctx.seconds[name] = (time.time() - t
+                         - (ctx.seconds.get("features", 0.0)
+                            - features_before))
+    described[name] = evaluator.describe(ctx)
+  report["protocol"] = described
+  return report
 
 
 def evaluate(workdir: str, options: EvalOptions = EvalOptions(), *,
@@ -330,119 +173,67 @@ def evaluate(workdir: str, options: EvalOptions = EvalOptions(), *,
 
   Returns the report (the content of report.json).
   """
-  unknown = set(options.protocols) - set(ALL_PROTOCOLS)
-  if unknown or not options.protocols:
-    raise ValueError(f"protocols must be a non-empty subset of "
-                     f"{ALL_PROTOCOLS}, got {options.protocols}")
-  protocols = set(options.protocols)
+  _check_protocols(options.protocols)
   t0 = time.time()
   setup, state = load_state(workdir, options.step, mesh)
   config = setup.config
-  num_classes = config.dataset.num_classes
-  names = class_names(config)
+  options = options.resolve(config)
   step = int(jax.device_get(state.step))
-  out_dir = options.out_dir or os.path.join(os.fspath(workdir), "eval")
-  seconds = {"restore": time.time() - t0}
-
-  t = time.time()
-  feature_fn = make_feature_fn(setup)
-  test = extract_features(setup, state, config.dataset.eval_split,
-                          options.batch_size, options.max_examples,
-                          feature_fn)
-  tr = None
-  if protocols & set(_NEEDS_TRAIN):
-    tr = extract_features(setup, state, config.dataset.train_split,
-                          options.batch_size, options.max_examples,
-                          feature_fn)
-  seconds["features"] = time.time() - t
-  feature_dim = int(test["z"].shape[1])
+  out_dir = epath.Path(options.out_dir or epath.Path(workdir) / "eval")
+  ctx = base.Context(config, out_dir, options, setup=setup, state=state,
+                     title=f"step {step}")
+  ctx.seconds["restore"] = time.time() - t0
+  test = ctx.test
+  results = run_evaluators(ctx, set(options.protocols))
+  if ctx.dim_arrays:
+    ctx.save_npz("dims.npz", **ctx.dim_arrays)
+  if options.save_features:
+    t = time.time()
+    ctx.save_npz("features.npz",
+                 **features_lib.features_npz(ctx.train, ctx.test))
+    ctx.seconds["save_features"] = time.time() - t
+  train_split = config.dataset.train_split
   report: dict[str, Any] = {
       "method": config.method, "step": step,
       "dataset": config.dataset.name,
-      "num_train_examples": None if tr is None else int(tr["label"].size),
+      "num_train_examples": (int(ctx.train["label"].size)
+                             if ctx.has_features(train_split) else None),
       "num_test_examples": int(test["label"].size),
-      "backbone_dim": int(test["h"].shape[1]), "feature_dim": feature_dim,
+      "backbone_dim": int(test["h"].shape[1]),
+      "feature_dim": int(test["z"].shape[1]),
   }
-
-  if "linear" in protocols:
-    t = time.time()
-    acc = linear_probe.linear_eval(tr["h"], tr["label"], test["h"],
-                                   test["label"], num_classes, options.probe)
-    report.update(linear_top1=acc["top1"], linear_top5=acc["top5"],
-                  linear_train_top1=acc["train_top1"])
-    seconds["linear"] = time.time() - t
-  if "knn" in protocols:
-    t = time.time()
-    knn = metrics.knn_accuracy(tr["h"], tr["label"], test["h"], test["label"],
-                               num_classes, k=options.knn_k,
-                               temperature=options.knn_temperature)
-    report.update(knn_top1=knn["top1"], knn_top5=knn["top5"])
-    seconds["knn"] = time.time() - t
-  if "interp" in protocols:
-    t = time.time()
-    # Includes retrieval_precision_at_10 on all dims of z.
-    report.update(metrics.interpretability_report(
-        test["z"], test["label"], num_classes,
-        top_k=options.consistency_top_k))
-    per_sample = metrics.active_dims_per_sample(test["z"])
-    report["active_dims_per_sample_mean"] = float(np.mean(per_sample))
-    if "gate_mask" in test:
-      report["gate_open_rate"] = float(np.mean(test["gate_mask"]))
-    seconds["interp"] = time.time() - t
-  elif "retrieval" in protocols:
-    t = time.time()
-    report["retrieval_precision_at_10"] = metrics.retrieval_precision_at_k(
-        test["z"], test["label"], k=min(10, test["z"].shape[0] - 1))
-    seconds["retrieval"] = time.time() - t
-  if "selection" in protocols:
-    t = time.time()
-    sel = feature_selection(tr["z"], tr["label"], test["z"], test["label"],
-                            num_classes, options.selection_ks, options.probe,
-                            retrieval="retrieval" in protocols)
-    report["feature_selection"] = sel["curve"]
-    report["feature_selection_ranking"] = sel["ranking"]
-    seconds["selection"] = time.time() - t
-  grid = None
-  if "grids" in protocols and metrics.active_dims(test["z"]) < 1:
-    # Every gate closed / every unit dead: report the metrics, draw nothing.
-    logging.warning("No projector dim is active on the test split: no "
-                    "top-activation grid.")
-  elif "grids" in protocols:
-    t = time.time()
-    grid = top_activation_examples(config, config.dataset.eval_split, test,
-                                   options.grid_dims, options.grid_images)
-    report["top_activation_purity"] = float(
-        np.mean(plots.row_purity(grid["labels"])))
-    seconds["grids"] = time.time() - t
-
-  report["protocol"] = {
-      "protocols": sorted(protocols),
-      "max_examples": options.max_examples,
-      "linear_probe": dataclasses.asdict(options.probe),
-      "linear_probe_features": "h (backbone, eval mode)",
-      "knn": {"k": options.knn_k, "temperature": options.knn_temperature,
-              "features": "h", "similarity": "cosine"},
-      "interp_features": "z of the test split (eval-mode gate)",
-      "consistency_top_k": options.consistency_top_k,
-      "selection_ranking": "sum |z| over the train split",
-      "effective_rank": "exp(entropy of normalised singular values)",
-      "semantic_entropy": "natural log (nats)",
-  }
-  seconds["total"] = time.time() - t0
-  report["seconds"] = seconds
+  report.update(results)
+  report["protocol"] = {"protocols": sorted(options.protocols),
+                        "max_examples": options.max_examples,
+                        **results["protocol"]}
+  ctx.seconds["total"] = time.time() - t0
+  report["seconds"] = dict(ctx.seconds)
+  report["files"] = sorted(ctx.files + ["report.json", "report.md"])
   report = _clean(report)
-  if jax.process_index() == 0:
-    write_outputs(out_dir, report, test, grid, names, feature_dim)
+  if ctx.is_writer:
+    ctx.write_text("report.json", json.dumps(report, indent=2))
+    ctx.write_text("report.md", report_markdown(report))
   return report
+
+
+def _check_protocols(protocols) -> None:
+  names = [base.PROTOCOL_ALIASES.get(p, p) for p in protocols]
+  unknown = set(names) - set(ALL_PROTOCOLS)
+  if unknown or not names:
+    raise ValueError(f"protocols must be a non-empty subset of "
+                     f"{ALL_PROTOCOLS}, got {tuple(protocols)}")
 
 
 # ----------------------------------------------------------------------------
 # Outputs.
 # ----------------------------------------------------------------------------
-# (key, label, how to read it) for report.md, in order.
+# (key, label, how to read it) for report.md, in order; a key that
+# contains {name} is a nuisance-label metric (one row per nuisance label).
 REPORT_ROWS = (
     ("linear_top1", "linear probe top-1 (h)", "higher is better"),
     ("linear_top5", "linear probe top-5 (h)", "higher is better"),
+    ("finetune_top1", "fine-tuning top-1", "higher is better"),
+    ("finetune_top5", "fine-tuning top-5", "higher is better"),
     ("knn_top1", "kNN top-1 (h)", "higher is better"),
     ("knn_top5", "kNN top-5 (h)", "higher is better"),
     ("active_dims", "active dims of z (of feature_dim)", "dims any test "
@@ -450,20 +241,56 @@ REPORT_ROWS = (
     ("active_dims_per_sample_mean", "active dims per sample (mean)",
      "lower = sparser"),
     ("sparsity", "sparsity", "fraction of zero entries of z"),
-    ("semantic_consistency", "semantic consistency", "fraction in [0, 1], "
-     "higher = more class-pure dims"),
+    ("semantic_consistency", "semantic consistency (papers')",
+     "share of the top class among a dim's active samples, mean over dims; "
+     "= largest class share by construction for dense CL features"),
+    ("top_k_consistency", "top-k consistency (by value)",
+     "the same among each dim's k largest values; comparable across "
+     "methods"),
+    ("top_k_consistency_k", "k of the top-k consistency", "min(k, N)"),
+    ("dim_support_min", "dim support (min)", "samples activating an "
+     "active dim"),
+    ("dim_support_median", "dim support (median)", "a dim on 1 sample "
+     "scores consistency 1.0"),
+    ("dims_with_support_below_k", "dims with support < k", "their top-k "
+     "set is smaller than k"),
     ("semantic_entropy", "semantic entropy (frequency)", "nats, lower = "
      "purer"),
     ("semantic_entropy_sum", "semantic entropy (sum of activations)",
      "nats"),
     ("semantic_entropy_mean", "semantic entropy (mean activation)", "nats"),
     ("effective_rank", "effective rank of z", "exp(singular-value entropy)"),
-    ("orthogonality", "orthogonality (mean |C - I|)", "0 = orthogonal dims"),
+    ("orthogonality", "orthogonality (mean abs(C - I), off-diagonal)",
+     "0 = orthogonal dims"),
+    ("disentanglement", "disentanglement (NCL: median abs(FᵀF - I))",
+     "over dims with summed activation > 10; 0 = orthogonal"),
+    ("disentanglement_dims", "dims in the disentanglement", ""),
     ("retrieval_precision_at_10", "retrieval precision@10 (z)",
-     "higher is better"),
+     "higher is better; all-zero rows excluded"),
+    ("retrieval_zero_rows", "all-zero rows of z (test)", "excluded from "
+     "retrieval"),
     ("top_activation_purity", "top-activation grid purity",
      "mean share of the top class in each grid row"),
     ("gate_open_rate", "gate open rate", "BayesNCL: mean of the eval mask"),
+    ("{name}_dims", "{name} dims", "{name} purity > class purity and > "
+     "threshold"),
+    ("class_dims", "class dims", "the other active dims"),
+    ("{name}_purity_threshold", "{name} purity threshold",
+     "factor x chance (1 / #values)"),
+    ("mean_class_purity", "mean class purity (z before the gate)", ""),
+    ("mean_{name}_purity", "mean {name} purity (z before the gate)", ""),
+    ("class_consistency_all_dims", "class consistency, all dims", "final z"),
+    ("class_consistency_without_{name}_dims",
+     "class consistency without {name} dims", "final z"),
+    ("gate_open_rate_{name}_dims", "gate open rate on {name} dims",
+     "the paper predicts lower"),
+    ("gate_open_rate_class_dims", "gate open rate on class dims", ""),
+    ("{name}_probe_top1_h", "{name} probe top-1 from h",
+     "lower = less {name} kept"),
+    ("{name}_probe_top1_z", "{name} probe top-1 from z",
+     "lower = less {name} kept"),
+    ("{name}_majority_share", "{name}: majority share (test)",
+     "what always guessing the commonest value gets"),
 )
 
 
@@ -475,6 +302,32 @@ def _fmt(value) -> str:
   return str(value)
 
 
+def _rows(report: dict[str, Any]):
+  names = report.get("protocol", {}).get("mechanism", {}).get(
+      "nuisance_labels", [])
+  for key, label, note in REPORT_ROWS:
+    if "{name}" in key:
+      for name in names:
+        yield (key.format(name=name), label.format(name=name),
+               note.format(name=name))
+    else:
+      yield key, label, note
+
+
+def _describe_probe(probe: dict[str, Any]) -> str:
+  schedule = probe["schedule"]
+  if schedule == "warmup_cosine":
+    schedule += f" ({probe['warmup_epochs']} warmup epochs)"
+  elif schedule == "step":
+    schedule += f" (x0.1 at epochs {probe['decay_epochs']})"
+  optimizer = ("SGD" if probe["optimizer"] == "sgd" else
+               f"LARS (eta {probe['trust_coefficient']}, clip_lr "
+               f"{probe['clip_lr']})")
+  return (f"{optimizer}, momentum {probe['momentum']}, lr {probe['lr']} "
+          f"{schedule}, batch {probe['batch_size']}, epochs {probe['epochs']}, "
+          f"weight decay {probe['weight_decay']}")
+
+
 def report_markdown(report: dict[str, Any]) -> str:
   """report.json as a readable markdown page."""
   lines = [f"# Evaluation: {report['method']} at step {report['step']}", "",
@@ -484,59 +337,63 @@ def report_markdown(report: dict[str, Any]) -> str:
            f"h has {report['backbone_dim']} dims, projector z "
            f"{report['feature_dim']}.", "",
            "| metric | value | note |", "|---|---|---|"]
-  for key, label, note in REPORT_ROWS:
+  for key, label, note in _rows(report):
     if key in report:
       lines.append(f"| {label} | {_fmt(report[key])} | {note} |")
   if report.get("feature_selection"):
     curve = report["feature_selection"]
     has_ret = "retrieval_precision_at_10" in curve[0]
-    lines += ["", "## Feature selection (dims ranked on the train split)", "",
+    lines += ["", "## Feature selection (dims ranked on the train split, "
+              f"rule `{report.get('feature_selection_rule')}`)", "",
               "| k | linear top-1 | linear top-5 |"
-              + (" retrieval P@10 |" if has_ret else ""),
-              "|---|---|---|" + ("---|" if has_ret else "")]
+              + (" retrieval P@10 | all-zero rows |" if has_ret else ""),
+              "|---|---|---|" + ("---|---|" if has_ret else "")]
     for p in curve:
       lines.append(f"| {p['k']} | {_fmt(p['linear_top1'])} | "
                    f"{_fmt(p['linear_top5'])} |"
-                   + (f" {_fmt(p['retrieval_precision_at_10'])} |"
-                      if has_ret else ""))
-  probe = report["protocol"]["linear_probe"]
-  lines += ["", "## Protocol", "",
-            f"- linear probe on frozen h: SGD momentum {probe['momentum']}, "
-            f"lr {probe['lr']} (cosine), batch {probe['batch_size']}, "
-            f"{probe['epochs']} epochs, weight decay {probe['weight_decay']},"
-            f" features {'standardised (train mean/std)' if probe['standardize'] else 'raw'}.",
-            f"- kNN: cosine, k={report['protocol']['knn']['k']}, "
-            f"T={report['protocol']['knn']['temperature']}.",
-            "- interpretability on the test split's z with the trained gate; "
-            "activity threshold |z| > 1e-5.",
-            f"- wall time: {report['seconds']['total']:.1f} s."]
+                   + (f" {_fmt(p['retrieval_precision_at_10'])} | "
+                      f"{p['retrieval_zero_rows']} |" if has_ret else ""))
+  protocol = report["protocol"]
+  lines += ["", "## Protocol", ""]
+  if "linear" in protocol:
+    probe = protocol["linear"]
+    if probe["mode"] == "augmented":
+      how = (f"random resized crop (scale {probe['crop_scale']}) + flip "
+             "every epoch through the frozen backbone, raw h")
+    else:
+      how = ("h extracted once, "
+             + ("standardised (train mean/std)" if probe["standardize"]
+                else "raw"))
+    lines.append(f"- linear probe ({probe['mode']}): {how}; "
+                 f"{_describe_probe(probe)}.")
+  if "finetune" in protocol:
+    lines.append("- fine-tuning: backbone + linear head on random resized "
+                 f"crops + flips; {_describe_probe(protocol['finetune'])}.")
+  if "knn" in protocol:
+    lines.append(f"- kNN on h: cosine, k={protocol['knn']['k']}, "
+                 f"T={protocol['knn']['temperature']}, pool = train split, "
+                 "queries = test split.")
+  if "interp" in protocol:
+    lines.append("- interpretability on the test split's z with the trained "
+                 "gate; activity threshold |z| > 1e-5; top-k consistency "
+                 "ranks each dim's samples by value.")
+  if "feature_selection" in protocol:
+    sel = protocol["feature_selection"]
+    lines.append(f"- feature selection, rule `{sel['rule']}`: ranking = "
+                 f"{sel['ranking']}; probe on {sel['probe_features']}.")
+  if "retrieval" in protocol:
+    lines.append("- retrieval: cosine on z, the query excluded; all-zero "
+                 "rows are neither queries nor neighbours.")
+  if "mechanism" in protocol:
+    mech = protocol["mechanism"]
+    if mech.get("nuisance_labels"):
+      lines.append(f"- mechanism ({', '.join(mech['nuisance_labels'])}): "
+                   f"a dim is a nuisance dim when {mech['nuisance_dim']}; "
+                   "purities on z before the gate.")
+    else:
+      lines.append("- mechanism: the dataset has no nuisance label.")
+  lines.append(f"- wall time: {report['seconds']['total']:.1f} s.")
   return "\n".join(lines) + "\n"
-
-
-def write_outputs(out_dir: str, report: dict[str, Any],
-                  test: dict[str, np.ndarray], grid, names, feature_dim: int):
-  """report.json, report.md and the figures into out_dir."""
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
-  with open(os.path.join(out_dir, "report.md"), "w") as f:
-    f.write(report_markdown(report))
-  title = f"{report['method']}, step {report['step']}"
-  plots.active_dims_histogram(metrics.active_dims_per_sample(test["z"]),
-                              feature_dim,
-                              os.path.join(out_dir, "active_dims_hist.png"),
-                              title)
-  if report.get("feature_selection"):
-    plots.selection_curve({report["method"]: report["feature_selection"]},
-                          os.path.join(out_dir, "feature_selection.png"),
-                          title)
-  if grid is not None:
-    np.savez_compressed(os.path.join(out_dir, "top_activations.npz"), **grid)
-    plots.top_activation_grid(grid["images"], grid["labels"], grid["dims"],
-                              names,
-                              os.path.join(out_dir, "top_activations.png"),
-                              f"{title}: test images activating each of "
-                              "the most active dims most")
 
 
 # ----------------------------------------------------------------------------
@@ -546,45 +403,96 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-  """The command-line flags (defined only when run as a program)."""
+  """The command-line flags (defined only when run as a program).
+
+  Flags left unset take the run's config.eval values.
+  """
   flags.DEFINE_string("workdir", None, "Workdir of a bayesncl_jax.main run.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-  flags.DEFINE_list("protocols", list(ALL_PROTOCOLS),
-                    f"Subset of {','.join(ALL_PROTOCOLS)}.")
-  flags.DEFINE_integer("linear_epochs", 50, "Linear-probe epochs.")
-  flags.DEFINE_float("linear_lr", 0.1, "Linear-probe peak learning rate.")
-  flags.DEFINE_integer("linear_batch_size", 256, "Linear-probe batch size.")
-  flags.DEFINE_float("linear_weight_decay", 0.0, "Linear-probe L2 weight.")
-  flags.DEFINE_bool("linear_standardize", True, "Standardise probe inputs "
-                    "with the train split's per-dim mean/std.")
+  flags.DEFINE_list("protocols", list(DEFAULT_PROTOCOLS),
+                    f"Subset of {','.join(ALL_PROTOCOLS)} ('selection' = "
+                    "feature_selection).")
+  flags.DEFINE_enum("linear_probe", None, list(base.LINEAR_PROBES),
+                    "features: probe on h extracted once; augmented: crop + "
+                    "flip every epoch through the frozen backbone. Default: "
+                    "config.eval.linear_probe.")
+  flags.DEFINE_integer("linear_epochs", None, "Linear-probe epochs.")
+  flags.DEFINE_float("linear_lr", None, "Linear-probe peak learning rate.")
+  flags.DEFINE_integer("linear_batch_size", None, "Linear-probe batch size.")
+  flags.DEFINE_float("linear_weight_decay", None, "Linear-probe weight "
+                     "decay.")
+  flags.DEFINE_enum("linear_optimizer", None, list(linear_probe.OPTIMIZERS),
+                    "Linear-probe (and fine-tuning) optimiser.")
+  flags.DEFINE_enum("linear_schedule", None, list(linear_probe.SCHEDULES),
+                    "Linear-probe (and fine-tuning) lr schedule.")
+  flags.DEFINE_bool("linear_standardize", None, "Standardise the features "
+                    "probe's inputs with the train split's per-dim mean/std.")
+  flags.DEFINE_integer("finetune_epochs", None, "Fine-tuning epochs.")
+  flags.DEFINE_enum("selection_rule", None, list(base.SELECTION_RULES),
+                    "Feature-selection ranking: ncl (METHOD.md §9) or "
+                    "gated_z (sum |z| of the final features).")
+  flags.DEFINE_integer("value_top_k", None, "k of the top-k-by-value class "
+                       "consistency.")
+  flags.DEFINE_float("nuisance_purity_factor", None, "A nuisance dim's "
+                     "nuisance purity must exceed this x chance.")
   flags.DEFINE_integer("knn_k", 20, "Neighbours of the kNN classifier.")
   flags.DEFINE_float("knn_temperature", 0.07, "kNN vote temperature.")
   flags.DEFINE_integer("max_examples", -1, "> 0: only the first N examples "
                        "of each split (smoke runs).")
   flags.DEFINE_integer("batch_size", 512, "Feature-extraction global batch.")
-  flags.DEFINE_integer("consistency_top_k", 0, "> 0: class consistency over "
-                       "each dim's top-k samples only; 0: all active ones.")
+  flags.DEFINE_integer("consistency_top_k", 0, "> 0: the papers' class "
+                       "consistency over each dim's top-k samples by |z| "
+                       "only; 0: all active ones.")
   flags.DEFINE_integer("grid_dims", 10, "Rows (dims) of the top-activation "
                        "grid.")
   flags.DEFINE_integer("grid_images", 10, "Images per grid row.")
+  flags.DEFINE_bool("save_features", False, "Write eval/features.npz "
+                    "(train/test h, z, labels; the eval gate for BayesNCL).")
   flags.DEFINE_string("out_dir", None, "Default: WORKDIR/eval.")
   flags.mark_flags_as_required(["workdir"])
   from bayesncl_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.define_flags()
 
 
-def options_from_flags() -> EvalOptions:
+# Flag -> ProbeConfig field, for the probe flags.
+_PROBE_FLAGS = {"linear_epochs": "epochs", "linear_lr": "lr",
+                "linear_batch_size": "batch_size",
+                "linear_weight_decay": "weight_decay",
+                "linear_optimizer": "optimizer",
+                "linear_schedule": "schedule",
+                "linear_standardize": "standardize"}
+
+
+def options_from_flags(values: dict[str, Any] | None = None,
+                       config=None) -> EvalOptions:
+  """EvalOptions from flag values (default: the parsed FLAGS).
+
+  Unset (None) flags leave the field to config.eval; the probe flags
+  override single fields of the run's probe (`config`, default: the one
+  saved in --workdir), and a shorter probe keeps a feasible warmup.
+  """
+  v = FLAGS.flag_values_dict() if values is None else values
+  probe = None
+  overrides = {field: v[flag] for flag, field in _PROBE_FLAGS.items()
+               if v.get(flag) is not None}
+  if overrides:
+    config = config or train.load_config(v["workdir"])
+    base_probe = EvalOptions().resolve(config).probe
+    if "epochs" in overrides:
+      overrides["warmup_epochs"] = min(base_probe.warmup_epochs,
+                                       float(overrides["epochs"]))
+    probe = dataclasses.replace(base_probe, **overrides)
   return EvalOptions(
-      step=FLAGS.step, protocols=tuple(FLAGS.protocols),
-      batch_size=FLAGS.batch_size, max_examples=FLAGS.max_examples,
-      probe=linear_probe.ProbeConfig(
-          epochs=FLAGS.linear_epochs, batch_size=FLAGS.linear_batch_size,
-          lr=FLAGS.linear_lr, weight_decay=FLAGS.linear_weight_decay,
-          standardize=FLAGS.linear_standardize),
-      knn_k=FLAGS.knn_k, knn_temperature=FLAGS.knn_temperature,
-      consistency_top_k=FLAGS.consistency_top_k or None,
-      grid_dims=FLAGS.grid_dims, grid_images=FLAGS.grid_images,
-      out_dir=FLAGS.out_dir)
+      step=v["step"], protocols=tuple(v["protocols"]),
+      batch_size=v["batch_size"], max_examples=v["max_examples"],
+      linear_probe=v["linear_probe"], probe=probe,
+      finetune_epochs=v["finetune_epochs"],
+      knn_k=v["knn_k"], knn_temperature=v["knn_temperature"],
+      consistency_top_k=v["consistency_top_k"] or None,
+      value_top_k=v["value_top_k"], selection_rule=v["selection_rule"],
+      nuisance_purity_factor=v["nuisance_purity_factor"],
+      grid_dims=v["grid_dims"], grid_images=v["grid_images"],
+      save_features=v["save_features"], out_dir=v["out_dir"])
 
 
 def main(argv):
@@ -600,7 +508,7 @@ def main(argv):
     logging.error("%s", e)
     sys.exit(f"error: {e}")
   if jax.process_index() == 0:
-    out_dir = FLAGS.out_dir or os.path.join(FLAGS.workdir, "eval")
+    out_dir = FLAGS.out_dir or epath.Path(FLAGS.workdir) / "eval"
     print(report_markdown(report), flush=True)
     print(f"Wrote {out_dir}/report.json, report.md and figures.", flush=True)
 

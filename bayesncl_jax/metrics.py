@@ -16,6 +16,11 @@ Conventions shared by every metric:
     NCL / BayesNCL features this is f_nd itself; for signed CL features the
     magnitude is what makes "active", "largest activation" and class sums of
     activations well defined (a signed class sum could be negative).
+  * Rankings ("the k samples that activate a dim most", "the most active
+    dims") take `rank_by`: "magnitude" ranks by |f| (the papers' code),
+    "value" by f itself. They agree on non-negative features; on signed
+    (CL) features "magnitude" mixes a dim's two ends, "value" keeps its
+    positive end, which is what a top-activation picture means.
   * Averages over active dims are NaN when there is no active dim (or, for
     orthogonality, fewer than two): the average over an empty set has no
     value, and NaN says so instead of faking a 0 that reads as a score.
@@ -39,6 +44,9 @@ ZERO_TOL = 1e-5
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _ENTROPY_VARIANTS = ("frequency", "sum", "mean")
+RANK_BY = ("magnitude", "value")
+# NCL's disentanglement keeps the dims whose test activations sum above this.
+DISENTANGLEMENT_MIN_TOTAL = 10.0
 
 
 # ----------------------------------------------------------------------------
@@ -77,6 +85,17 @@ def _as_labels(labels: Any, n: int, num_classes: int | None = None,
     raise ValueError(f"{name} must lie in [0, {num_classes}), got values in "
                      f"[{lab.min()}, {lab.max()}]")
   return jnp.asarray(lab, jnp.int32), num_classes
+
+
+def _check_rank_by(rank_by: str) -> str:
+  if rank_by not in RANK_BY:
+    raise ValueError(f"rank_by must be one of {RANK_BY}, got {rank_by!r}")
+  return rank_by
+
+
+def _ranking_scores(f: jax.Array, rank_by: str) -> jax.Array:
+  """|f| or f: the quantity samples are ranked by within a dim."""
+  return jnp.abs(f) if _check_rank_by(rank_by) == "magnitude" else f
 
 
 def _check_positive_int(value: Any, name: str) -> int:
@@ -133,19 +152,30 @@ def _class_mass(f, labels, eps, num_classes, variant):
   return mass
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "top_k"))
-def _top_k_class_counts(f, labels, eps, num_classes, top_k):
+@functools.partial(jax.jit, static_argnames=("num_classes", "top_k",
+                                             "by_value"))
+def _top_k_class_counts(f, labels, eps, num_classes, top_k, by_value=False):
   """Class counts (D, C) among each dim's top_k activations that are > eps.
 
-  lax.top_k on |f|ᵀ (D, N) gives each dim's top_k samples (D, top_k); their
-  labels are scatter-added into a D×C table — O(D·top_k) memory, no D×k×C
-  one-hot.
+  lax.top_k on |f|ᵀ (or fᵀ with by_value) (D, N) gives each dim's top_k
+  samples (D, top_k); their labels are scatter-added into a D×C table —
+  O(D·top_k) memory, no D×k×C one-hot.
   """
-  values, idx = jax.lax.top_k(jnp.abs(f).T, top_k)           # (D, top_k)
+  scores = f if by_value else jnp.abs(f)
+  values, idx = jax.lax.top_k(scores.T, top_k)                # (D, top_k)
   selected = (values > eps).astype(jnp.float32)
   dims = jnp.broadcast_to(jnp.arange(f.shape[1])[:, None], idx.shape)
   counts = jnp.zeros((f.shape[1], num_classes), jnp.float32)
   return counts.at[dims, labels[idx]].add(selected)
+
+
+@jax.jit
+def _purity_from_counts(counts):
+  """(D,) max_c counts_dc / Σ_c counts_dc, NaN where Σ_c counts_dc = 0."""
+  totals = jnp.sum(counts, axis=1)
+  active = totals > 0
+  purity = jnp.max(counts, axis=1) / jnp.where(active, totals, 1.0)
+  return jnp.where(active, purity, jnp.nan)
 
 
 @jax.jit
@@ -213,11 +243,14 @@ def _l2_normalise_rows(x: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("k", "chunk_size"))
-def _retrieval_core(f, labels, k, chunk_size):
-  """Mean over queries of (1/k) #{k nearest by cosine, self excluded, same label}.
+def _retrieval_core(f, labels, valid, k, chunk_size):
+  """Mean over valid queries of (1/k) #{k nearest valid rows by cosine, self
+  excluded, same label}.
 
-  Maps over chunks of chunk_size queries: each chunk holds a
-  (chunk_size, N) similarity block, never the full N×N matrix.
+  valid: (N,) bool; invalid rows are neither queries nor neighbours (the
+  caller guarantees at least k + 1 valid rows). Maps over chunks of
+  chunk_size queries: each chunk holds a (chunk_size, N) similarity block,
+  never the full N×N matrix.
   """
   keys = _l2_normalise_rows(f)
   n = f.shape[0]
@@ -225,13 +258,13 @@ def _retrieval_core(f, labels, k, chunk_size):
   def one_query(query):
     vector, label, index = query
     sim = jnp.matmul(keys, vector, precision=_HIGHEST)          # (N,)
-    sim = jnp.where(jnp.arange(n) == index, -jnp.inf, sim)
+    sim = jnp.where((jnp.arange(n) == index) | ~valid, -jnp.inf, sim)
     _, neighbours = jax.lax.top_k(sim, k)
     return jnp.mean(labels[neighbours] == label)
 
   precision = jax.lax.map(one_query, (keys, labels, jnp.arange(n)),
                           batch_size=chunk_size)
-  return jnp.mean(precision)
+  return jnp.sum(jnp.where(valid, precision, 0.0)) / jnp.sum(valid)
 
 
 @functools.partial(jax.jit,
@@ -286,13 +319,15 @@ def sparsity(f, eps: float = ZERO_TOL) -> float:
 
 def semantic_consistency(f, labels, num_classes: int | None = None,
                          top_k: int | None = None,
-                         eps: float = ZERO_TOL) -> float:
+                         eps: float = ZERO_TOL,
+                         rank_by: str = "magnitude") -> float:
   """Class consistency of dims, in [0, 1] (report ×100 as in the papers).
 
   For each active dim d let S_d be its selected samples:
     top_k=None: S_d = {n : |f_nd| > eps};
-    top_k=K:    the K samples with the largest |f_nd|, keeping only those
-                with |f_nd| > eps (K is clipped to N).
+    top_k=K:    the K samples with the largest |f_nd| (rank_by="magnitude")
+                or the largest f_nd (rank_by="value"), keeping only those
+                with |f_nd| > eps (resp. f_nd > eps); K is clipped to N.
   consistency_d = max_c #{n ∈ S_d : y_n = c} / |S_d|, averaged over the
   active dims (those with S_d non-empty). NaN if no dim is active.
 
@@ -300,12 +335,47 @@ def semantic_consistency(f, labels, num_classes: int | None = None,
   """
   f = _as_features(f)
   labels, num_classes = _as_labels(labels, f.shape[0], num_classes)
+  by_value = _check_rank_by(rank_by) == "value"
   if top_k is None:
     counts = _class_mass(f, labels, eps, num_classes, "frequency")
   else:
     top_k = min(_check_positive_int(top_k, "top_k"), f.shape[0])
-    counts = _top_k_class_counts(f, labels, eps, num_classes, top_k)
+    counts = _top_k_class_counts(f, labels, eps, num_classes, top_k,
+                                 by_value)
   return float(_consistency_from_counts(counts))
+
+
+def dim_purity(f, labels, num_classes: int | None = None,
+               top_k: int | None = None, eps: float = ZERO_TOL,
+               rank_by: str = "magnitude") -> np.ndarray:
+  """(D,) float array: each dim's purity, NaN for a dim with no sample.
+
+  purity_d = max_c #{n ∈ S_d : y_n = c} / |S_d| with S_d as in
+  `semantic_consistency` (whose value is the mean of the non-NaN entries).
+  With `labels` a nuisance label (e.g. the background), the same formula
+  gives the dim's nuisance purity.
+  """
+  f = _as_features(f)
+  labels, num_classes = _as_labels(labels, f.shape[0], num_classes)
+  by_value = _check_rank_by(rank_by) == "value"
+  if top_k is None:
+    counts = _class_mass(f, labels, eps, num_classes, "frequency")
+  else:
+    top_k = min(_check_positive_int(top_k, "top_k"), f.shape[0])
+    counts = _top_k_class_counts(f, labels, eps, num_classes, top_k,
+                                 by_value)
+  return np.asarray(_purity_from_counts(counts))
+
+
+def dim_support(f, eps: float = ZERO_TOL) -> np.ndarray:
+  """(D,) int array: #{n : |f_nd| > eps}, how many samples activate dim d.
+
+  The papers' consistency is an unweighted mean over active dims, so a dim
+  with support 1 counts as much as one with support 1000 (and scores 1.0);
+  the support says how much each dim's purity rests on.
+  """
+  f = _as_features(f)
+  return np.asarray(jnp.sum(jnp.abs(f) > eps, axis=0))
 
 
 def semantic_entropy(f, labels, num_classes: int | None = None,
@@ -361,24 +431,52 @@ def orthogonality(f, eps: float = ZERO_TOL) -> float:
   return float(_orthogonality_core(_as_features(f), eps))
 
 
-def most_active_dims(f, n: int) -> np.ndarray:
-  """(n,) int array: the n dims with the largest Σ_samples |f_nd|, descending.
+def disentanglement(f, min_total: float = DISENTANGLEMENT_MIN_TOTAL
+                    ) -> dict[str, float]:
+  """NCL's disentanglement: median |F̂ᵀF̂ − I| over the kept dims.
 
-  The §5 feature-selection ranking (computed on the train split).
+  Kept dims: Σ_n f_nd > min_total (the summed activation, as NCL's eval;
+  the threshold is absolute, so it depends on N). F̂ = the kept columns,
+  each L2-normalised; the median runs over all D_k² entries of
+  |F̂ᵀF̂ − I|, diagonal included (its entries are 0), as NCL's code does.
+  0 = mutually orthogonal dims. NaN when no dim is kept.
+
+  Returns {"disentanglement": median, "disentanglement_dims": D_k}.
+  """
+  f = np.asarray(_as_features(f), np.float64)
+  keep = f.sum(axis=0) > min_total
+  if not keep.any():
+    return {"disentanglement": float("nan"), "disentanglement_dims": 0}
+  cols = f[:, keep]
+  cols = cols / np.linalg.norm(cols, axis=0, keepdims=True)
+  err = np.abs(cols.T @ cols - np.eye(cols.shape[1]))
+  return {"disentanglement": float(np.median(err)),
+          "disentanglement_dims": int(keep.sum())}
+
+
+def most_active_dims(f, n: int, rank_by: str = "magnitude") -> np.ndarray:
+  """(n,) int array: the n dims with the largest activation sum, descending.
+
+  The sum is Σ_samples |f_nd| (rank_by="magnitude") or Σ_samples
+  max(f_nd, 0) (rank_by="value": a signed dim's positive end only).
   """
   f = _as_features(f)
   n = _check_positive_int(n, "n")
   if n > f.shape[1]:
     raise ValueError(f"n={n} exceeds the number of dims {f.shape[1]}")
-  _, dims = jax.lax.top_k(jnp.sum(jnp.abs(f), axis=0), n)
+  scores = (jnp.abs(f) if _check_rank_by(rank_by) == "magnitude"
+            else jnp.maximum(f, 0.0))
+  _, dims = jax.lax.top_k(jnp.sum(scores, axis=0), n)
   return np.asarray(dims)
 
 
-def top_activating_indices(f, dims: Sequence[int], k: int) -> np.ndarray:
-  """(len(dims), k) int array: per dim, the k samples with the largest |f_nd|.
+def top_activating_indices(f, dims: Sequence[int], k: int,
+                           rank_by: str = "magnitude") -> np.ndarray:
+  """(len(dims), k) int array: per dim, the k samples that activate it most.
 
-  Row i lists sample indices for dims[i] in descending activation — the
-  top-activated image grids of §5.
+  "Most" = largest |f_nd| (rank_by="magnitude") or largest f_nd
+  (rank_by="value"). Row i lists sample indices for dims[i] in descending
+  activation — the top-activated image grids of §5.
   """
   f = _as_features(f)
   dims = np.asarray(dims, dtype=np.int64).reshape(-1)
@@ -387,24 +485,34 @@ def top_activating_indices(f, dims: Sequence[int], k: int) -> np.ndarray:
     raise ValueError(f"k={k} exceeds the number of samples {f.shape[0]}")
   if dims.size and (dims.min() < 0 or dims.max() >= f.shape[1]):
     raise ValueError(f"dims must lie in [0, {f.shape[1]}), got {dims}")
-  columns = jnp.abs(f[:, jnp.asarray(dims)]).T                  # (len, N)
+  columns = _ranking_scores(f[:, jnp.asarray(dims)], rank_by).T  # (len, N)
   _, idx = jax.lax.top_k(columns, k)
   return np.asarray(idx)
 
 
-def retrieval_precision_at_k(f, labels, k: int = 10,
-                             top_dims: int | None = None,
-                             chunk_size: int = 1024) -> float:
-  """Cosine retrieval precision@k with the query itself excluded.
+def nonzero_rows(f, eps: float = ZERO_TOL) -> np.ndarray:
+  """(N,) bool: rows with at least one entry |f_nd| > eps."""
+  return np.asarray(jnp.any(jnp.abs(_as_features(f)) > eps, axis=1))
+
+
+def retrieval_report(f, labels, k: int = 10, top_dims: int | None = None,
+                     chunk_size: int = 1024,
+                     eps: float = ZERO_TOL) -> dict[str, float]:
+  """Cosine retrieval precision@k; all-zero rows excluded and counted.
 
   For each query n: its k nearest other samples by cosine similarity, and
-  the fraction of them with label y_n; mean over the N queries. With
+  the fraction of them with label y_n; mean over the queries. With
   `top_dims` set, only the `top_dims` dims of `most_active_dims` are used.
-  An all-zero row has cosine 0 to every sample (no NaN); its neighbours are
-  then ties, broken towards lower indices.
+
+  A row with no entry above eps (every gate closed, or none of the kept
+  dims active) has no direction: its cosine to every sample is undefined,
+  and a 0 would make all samples its tied "neighbours", resolved by index
+  order. Such rows are therefore neither queries nor neighbours; their
+  number is returned. precision is NaN when fewer than k + 1 rows remain.
 
   f: (N, D); labels: (N,) ints. Needs 1 <= k <= N − 1. Only
-  chunk_size × N similarities are held at a time.
+  chunk_size × N similarities are held at a time. Returns {"precision",
+  "zero_rows", "queries"} (queries = N − zero_rows).
   """
   f = _as_features(f)
   labels, _ = _as_labels(labels, f.shape[0])
@@ -415,7 +523,20 @@ def retrieval_precision_at_k(f, labels, k: int = 10,
   chunk_size = min(_check_positive_int(chunk_size, "chunk_size"), f.shape[0])
   if top_dims is not None:
     f = f[:, jnp.asarray(most_active_dims(f, top_dims))]
-  return float(_retrieval_core(f, labels, k, chunk_size))
+  valid = nonzero_rows(f, eps)
+  n_valid = int(valid.sum())
+  precision = (float(_retrieval_core(f, labels, jnp.asarray(valid), k,
+                                     chunk_size))
+               if n_valid >= k + 1 else float("nan"))
+  return {"precision": precision, "zero_rows": int(f.shape[0] - n_valid),
+          "queries": n_valid}
+
+
+def retrieval_precision_at_k(f, labels, k: int = 10,
+                             top_dims: int | None = None,
+                             chunk_size: int = 1024) -> float:
+  """`retrieval_report(...)["precision"]`: all-zero rows excluded."""
+  return retrieval_report(f, labels, k, top_dims, chunk_size)["precision"]
 
 
 def knn_accuracy(train_f, train_labels, test_f, test_labels,

@@ -2,7 +2,8 @@
 
 Matplotlib through `Figure` objects with the Agg canvas, never pyplot: no
 display, no global figure state, safe to call from tests and from several
-evaluations in one process.
+evaluations in one process. Every figure is written through `etils.epath`,
+so `path` may be local or a gs:// URL.
 """
 from __future__ import annotations
 
@@ -12,11 +13,18 @@ import matplotlib
 
 matplotlib.use("Agg")
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from etils import epath
 from matplotlib.figure import Figure
 import numpy as np
 
 # One colour per method, the same in every figure.
 METHOD_COLORS = {"cl": "#7f7f7f", "ncl": "#1f77b4", "bayesncl": "#d62728"}
+
+
+def save_png(fig: Figure, path, dpi: int = 100) -> None:
+  """Writes fig as a PNG to path (str or epath.Path, local or gs://)."""
+  with epath.Path(path).open("wb") as f:
+    fig.savefig(f, format="png", dpi=dpi)
 
 
 def _image_for_display(image: np.ndarray) -> tuple[np.ndarray, str | None]:
@@ -34,7 +42,7 @@ def row_purity(labels: np.ndarray) -> np.ndarray:
 
 def top_activation_grid(images: np.ndarray, labels: np.ndarray,
                         dims: Sequence[int], class_names: Sequence[str],
-                        path: str, title: str = "") -> None:
+                        path, title: str = "") -> None:
   """The papers' key figure: row r = the k images activating dims[r] most.
 
   images: (R, k, H, W, C) uint8, row r in descending activation of dims[r];
@@ -61,10 +69,10 @@ def top_activation_grid(images: np.ndarray, labels: np.ndarray,
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  save_png(fig, path)
 
 
-def active_dims_histogram(counts: np.ndarray, feature_dim: int, path: str,
+def active_dims_histogram(counts: np.ndarray, feature_dim: int, path,
                           title: str = "") -> None:
   """Histogram of #active dims per sample (counts: (N,) ints in [0, D])."""
   counts = np.asarray(counts)
@@ -81,7 +89,7 @@ def active_dims_histogram(counts: np.ndarray, feature_dim: int, path: str,
   if title:
     ax.set_title(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  save_png(fig, path)
 
 
 def _plot_selection(ax, curves: Mapping[str, Sequence[Mapping[str, float]]],
@@ -99,7 +107,7 @@ def _plot_selection(ax, curves: Mapping[str, Sequence[Mapping[str, float]]],
 
 
 def selection_curve(curves: Mapping[str, Sequence[Mapping[str, float]]],
-                    path: str, title: str = "") -> None:
+                    path, title: str = "") -> None:
   """Feature-selection curve(s): linear top-1 vs k; curves: name -> points.
 
   Each point is a dict with "k" and "linear_top1" (and, when present,
@@ -116,7 +124,7 @@ def selection_curve(curves: Mapping[str, Sequence[Mapping[str, float]]],
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  save_png(fig, path)
 
 
 def _mosaic(images: np.ndarray, pad: int = 2) -> np.ndarray:
@@ -132,7 +140,7 @@ def _mosaic(images: np.ndarray, pad: int = 2) -> np.ndarray:
 
 def comparison_figure(reports: Mapping[str, Mapping[str, float]],
                       grids: Mapping[str, Mapping[str, np.ndarray]],
-                      class_names: Sequence[str], path: str,
+                      class_names: Sequence[str], path,
                       metrics: Sequence[tuple[str, str]],
                       title: str = "") -> None:
   """Methods side by side: metric bars, selection curves, top-activation grids.
@@ -188,4 +196,4 @@ def comparison_figure(reports: Mapping[str, Mapping[str, float]],
   if title:
     fig.suptitle(title, fontsize=11)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  save_png(fig, path)

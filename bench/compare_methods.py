@@ -48,7 +48,7 @@ import numpy as np
 
 from bayesncl_jax import config_lib
 from bayesncl_jax import evaluate
-from bayesncl_jax import linear_probe
+from bayesncl_jax.evaluators import linear_probe
 from bayesncl_jax import plots
 from bayesncl_jax import train
 
@@ -61,10 +61,13 @@ TABLE = (
     ("active_dims", "active dims of z", "{:.0f}"),
     ("active_dims_per_sample_mean", "active dims / sample", "{:.2f}"),
     ("sparsity", "sparsity of z", "{:.4f}"),
-    ("semantic_consistency", "semantic consistency", "{:.4f}"),
+    ("semantic_consistency", "semantic consistency (papers')", "{:.4f}"),
+    ("top_k_consistency", "top-100 consistency (by value)", "{:.4f}"),
+    ("dim_support_median", "dim support (median)", "{:.0f}"),
     ("semantic_entropy", "semantic entropy (nats)", "{:.4f}"),
     ("effective_rank", "effective rank", "{:.2f}"),
     ("orthogonality", "orthogonality", "{:.4f}"),
+    ("disentanglement", "disentanglement (NCL)", "{:.4f}"),
     ("retrieval_precision_at_10", "retrieval P@10 (z)", "{:.4f}"),
     ("top_activation_purity", "top-activation purity", "{:.4f}"),
     ("gate_open_rate", "gate open rate", "{:.4f}"),
@@ -164,9 +167,13 @@ def comparison_markdown(result: dict) -> str:
   curves = {m: {p["k"]: p for p in reports[m].get("feature_selection", [])}
             for m in methods}
   ks = sorted({k for c in curves.values() for k in c})
+  rules = sorted({str(reports[m].get("feature_selection_rule")) for m in
+                  methods})
   if ks:
     lines += ["", "## Feature selection: linear top-1 / retrieval P@10 on "
-              "the k most active dims of z (ranked on the train split)", "",
+              "the k top-ranked dims (ranked on the train split, rule "
+              f"{', '.join(rules)}; see `bayesncl_jax/evaluators/"
+              "feature_selection.py`)", "",
               "| k | " + " | ".join(methods) + " |",
               "|---|" + "---|" * len(methods)]
     for k in ks:
@@ -196,7 +203,7 @@ def comparison_markdown(result: dict) -> str:
   lines += ["", "![comparison](comparison.png)", "",
             f"Total wall time of the command: {result['total_seconds']:.0f} s"
             f" ({result['total_seconds'] / 60:.1f} min).",
-            "", "Definitions: `bayesncl_jax/evaluate.py` (protocols) and "
+            "", "Definitions: `bayesncl_jax/evaluators/` (protocols) and "
             "`bayesncl_jax/metrics.py` (metrics). Semantic consistency is a "
             "fraction in [0, 1] (the papers print ×100); top-activation "
             "purity is the mean share of the most frequent class among the "

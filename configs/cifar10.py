@@ -30,4 +30,5 @@ def get_config(arg=None):
   c.dataset.num_workers = 4
   c.aug.blur_prob = 0.0  # the authors disable blur on CIFAR.
   c.model.dtype = arg.dtype
+  config_lib.use_papers_eval_recipe(c, "cifar")  # linear probe, fine-tuning
   return c

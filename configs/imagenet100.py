@@ -51,4 +51,5 @@ def get_config(arg=None):
   c.optim.epochs = 100
   c.log_every = 100
   c.ckpt_every = 2000
+  config_lib.use_papers_eval_recipe(c, "imagenet100")  # linear probe, fine-tuning
   return c

@@ -16,9 +16,12 @@ from bayesncl_jax import augment
 from bayesncl_jax import config_lib
 from bayesncl_jax import datasets
 from bayesncl_jax import evaluate
-from bayesncl_jax import linear_probe
+from bayesncl_jax import input_pipeline
 from bayesncl_jax import metrics
 from bayesncl_jax import train
+from bayesncl_jax.evaluators import linear_probe
+from bayesncl_jax.evaluators import mechanism
+from bayesncl_jax.evaluators import supervised
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FMNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
@@ -162,26 +165,36 @@ def tiny_workdir(tmp_path_factory):
   return workdir
 
 
-@needs_fmnist
-def test_evaluate_end_to_end(tiny_workdir, tmp_path):
-  out_dir = tmp_path / "eval"
+N_EVAL = 160  # examples per split in the end-to-end evaluation.
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tiny_workdir, tmp_path_factory):
+  """The default protocols + --save_features on the tiny checkpoint."""
+  out_dir = tmp_path_factory.mktemp("eval")
   options = evaluate.EvalOptions(
-      max_examples=300, batch_size=64, probe=FAST_PROBE, grid_dims=4,
-      grid_images=5, out_dir=str(out_dir))
-  report = evaluate.evaluate(str(tiny_workdir), options)
+      max_examples=N_EVAL, batch_size=64, probe=FAST_PROBE, grid_dims=4,
+      grid_images=5, save_features=True, out_dir=str(out_dir))
+  return evaluate.evaluate(str(tiny_workdir), options), out_dir
+
+
+@needs_fmnist
+def test_evaluate_end_to_end(tiny_report):
+  report, out_dir = tiny_report
   with open(out_dir / "report.json") as f:
     on_disk = json.load(f)
   assert on_disk == report
   assert report["method"] == "bayesncl" and report["step"] == 2
-  assert report["num_train_examples"] == 300
-  assert report["num_test_examples"] == 300
+  assert report["num_train_examples"] == N_EVAL
+  assert report["num_test_examples"] == N_EVAL
   for key in ("linear_top1", "linear_top5", "knn_top1", "active_dims",
-              "sparsity", "semantic_consistency", "semantic_entropy",
-              "effective_rank", "orthogonality", "retrieval_precision_at_10",
-              "gate_open_rate", "top_activation_purity"):
+              "sparsity", "semantic_consistency", "top_k_consistency",
+              "semantic_entropy", "effective_rank", "orthogonality",
+              "retrieval_precision_at_10", "gate_open_rate",
+              "top_activation_purity"):
     assert type(report[key]) is float, (key, report[key])  # pylint: disable=unidiomatic-typecheck
   for key in ("linear_top1", "linear_top5", "knn_top1", "sparsity",
-              "semantic_consistency", "orthogonality",
+              "semantic_consistency", "top_k_consistency", "orthogonality",
               "retrieval_precision_at_10", "gate_open_rate",
               "top_activation_purity"):
     assert 0.0 <= report[key] <= 1.0, (key, report[key])
@@ -189,14 +202,22 @@ def test_evaluate_end_to_end(tiny_workdir, tmp_path):
   assert 1.0 <= report["active_dims"] <= 16
   assert 0.0 <= report["semantic_entropy"] <= math.log(10) + 1e-6
   assert 1.0 <= report["effective_rank"] <= 16 + 1e-4
+  assert report["top_k_consistency_k"] == 100
+  assert report["feature_selection_rule"] == "ncl"
   curve = report["feature_selection"]
   assert [p["k"] for p in curve] == [1, 2, 4, 8, 16]
   assert all(0.0 <= p["linear_top1"] <= 1.0 for p in curve)
   assert sorted(report["feature_selection_ranking"]) == list(range(16))
+  assert report["protocol"]["linear"]["mode"] == "features"
+  assert report["protocol"]["mechanism"]["nuisance_labels"] == []
+  assert "finetune_top1" not in report        # not a default protocol
   for name in ("report.md", "top_activations.png", "active_dims_hist.png",
-               "feature_selection.png"):
+               "feature_selection.png", "dims.npz", "features.npz"):
     assert (out_dir / name).stat().st_size > 0, name
-  assert "| semantic consistency |" in (out_dir / "report.md").read_text()
+    assert name in report["files"]
+  md = (out_dir / "report.md").read_text()
+  assert "| semantic consistency (papers') |" in md
+  assert "rule `ncl`" in md
 
   # The grid's captions are the true classes of the images it shows: the
   # index bookkeeping through the sharded, padded extraction is right.
@@ -211,6 +232,64 @@ def test_evaluate_end_to_end(tiny_workdir, tmp_path):
 
 
 @needs_fmnist
+def test_report_equals_direct_calls_on_the_extracted_features(
+    tiny_workdir, tiny_report):
+  """Every number of the report, recomputed from features extracted anew."""
+  report, out_dir = tiny_report
+  setup, state = evaluate.load_state(str(tiny_workdir))
+  tr = evaluate.extract_features(setup, state, "train", 64, N_EVAL)
+  te = evaluate.extract_features(setup, state, "test", 64, N_EVAL)
+  saved = np.load(out_dir / "features.npz")
+  assert sorted(saved.files) == sorted([
+      "train_h", "train_z", "train_labels", "test_h", "test_z",
+      "test_labels", "test_gate_probs", "test_gate_mask"])
+  for split, feats in (("train", tr), ("test", te)):
+    np.testing.assert_array_equal(saved[f"{split}_h"], feats["h"])
+    np.testing.assert_array_equal(saved[f"{split}_z"], feats["z"])
+    np.testing.assert_array_equal(saved[f"{split}_labels"], feats["label"])
+    np.testing.assert_array_equal(feats["index"], np.arange(N_EVAL))
+  np.testing.assert_array_equal(saved["test_gate_probs"], te["gate_probs"])
+  np.testing.assert_array_equal(saved["test_gate_mask"], te["gate_mask"])
+
+  c = 10
+  y, z = te["label"], te["z"]
+  probe = linear_probe.linear_eval(tr["h"], tr["label"], te["h"], y, c,
+                                   FAST_PROBE)
+  assert report["linear_top1"] == probe["top1"]
+  assert report["linear_train_top1"] == probe["train_top1"]
+  knn = metrics.knn_accuracy(tr["h"], tr["label"], te["h"], y, c, k=20)
+  assert report["knn_top1"] == knn["top1"]
+  assert report["semantic_consistency"] == metrics.semantic_consistency(
+      z, y, c)
+  assert report["top_k_consistency"] == metrics.semantic_consistency(
+      z, y, c, top_k=100, rank_by="value")
+  assert report["orthogonality"] == metrics.orthogonality(z)
+  assert report["disentanglement"] == _none_if_nan(
+      metrics.disentanglement(z)["disentanglement"])
+  support = (np.abs(z) > 1e-5).sum(0)
+  assert report["dim_support_min"] == support[support > 0].min()
+  assert report["dim_support_median"] == np.median(support[support > 0])
+  assert report["gate_open_rate"] == pytest.approx(te["gate_mask"].mean())
+  ret = metrics.retrieval_report(z, y, k=10)
+  assert report["retrieval_precision_at_10"] == ret["precision"]
+  assert report["retrieval_zero_rows"] == ret["zero_rows"] == int(
+      np.sum(~np.any(np.abs(z) > 1e-5, axis=1)))
+  # NCL's feature selection, by numpy from the train split's z_raw.
+  pos = np.maximum(tr["z_raw"], 0.0)
+  norms = np.linalg.norm(pos, axis=1, keepdims=True)
+  scores = (pos / np.where(norms > 0, norms, 1.0)).sum(0)
+  np.testing.assert_array_equal(report["feature_selection_ranking"],
+                                np.argsort(-scores, kind="stable"))
+  dims = np.load(out_dir / "dims.npz")
+  np.testing.assert_array_equal(dims["support"], support)
+  np.testing.assert_allclose(dims["gate_open_rate"], te["gate_mask"].mean(0))
+
+
+def _none_if_nan(value):
+  return None if math.isnan(value) else value
+
+
+@needs_fmnist
 def test_extracted_features_match_a_plain_forward(tiny_workdir):
   setup, state = evaluate.load_state(str(tiny_workdir))
   # 8 devices, batch 16, 40 examples: 3 batches, the last one padded.
@@ -221,14 +300,196 @@ def test_extracted_features_match_a_plain_forward(tiny_workdir):
   images = np.stack([source[i]["image"] for i in range(40)])
   x = augment.normalize(images, setup.config.dataset.mean,
                         setup.config.dataset.std)
+  variables = {"params": jax.device_get(state.params),
+               "batch_stats": jax.device_get(state.batch_stats)}
   forward = jax.jit(lambda v, x: setup.model.apply(v, x, train=False))
-  out = forward({"params": jax.device_get(state.params),
-                 "batch_stats": jax.device_get(state.batch_stats)}, x)
+  out = forward(variables, x)
   np.testing.assert_allclose(feats["h"], out["h"], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(feats["z"], out["z"], rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(feats["gate_mask"], out["gate_mask"])
+  np.testing.assert_allclose(feats["gate_probs"], out["gate_probs"],
+                             rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(feats["label"],
                                 [source[i]["label"] for i in range(40)])
+  # z_raw: the projector's Dense layers by hand on h; z_pregate = its
+  # normalised relu (rep_relu's value); z = normalize(z_pregate * mask).
+  proj = variables["params"]["projector"]
+  hidden = np.maximum(np.asarray(out["h"]) @ proj["Dense_0"]["kernel"]
+                      + proj["Dense_0"]["bias"], 0.0)
+  z_raw = hidden @ proj["Dense_1"]["kernel"] + proj["Dense_1"]["bias"]
+  np.testing.assert_allclose(feats["z_raw"], z_raw, rtol=1e-4, atol=1e-5)
+  pos = np.maximum(z_raw, 0.0)
+  pregate = pos / np.maximum(np.linalg.norm(pos, axis=1, keepdims=True),
+                             1e-12)
+  np.testing.assert_allclose(feats["z_pregate"], pregate, rtol=1e-4,
+                             atol=1e-5)
+  gated = pregate * feats["gate_mask"]
+  gated /= np.maximum(np.linalg.norm(gated, axis=1, keepdims=True), 1e-12)
+  np.testing.assert_allclose(feats["z"], gated, rtol=1e-4, atol=1e-5)
+  # Only what is asked for is kept (the train split keeps h, z, z_raw).
+  few = evaluate.extract_features(setup, state, "test", batch_size=16,
+                                  max_examples=16, keys=("h",))
+  assert sorted(few) == ["h", "index", "label"]
+
+
+# ----------------------------------------------------------------------------
+# Augmented probe and fine-tuning: one step against a hand computation.
+# ----------------------------------------------------------------------------
+ONE_STEP = linear_probe.ProbeConfig(epochs=1, batch_size=32, lr=0.5,
+                                    schedule="constant")
+
+
+def _first_batch(setup, crop_scale):
+  """The first global batch train_supervised sees, re-made from the source."""
+  config = setup.config
+  it = supervised.augmented_batches(config, num_examples=32, global_batch=32,
+                                    epochs=1, crop_scale=crop_scale, seed=0)
+  batch = next(it)
+  # Epoch 0 visits the examples in default_rng([seed, 0])'s permutation;
+  # example q is cropped with default_rng([seed, 0, q]).
+  source = datasets.get_source(config.dataset, "train")
+  perm = np.random.default_rng([0, 0]).permutation(32)
+  np.testing.assert_array_equal(batch["label"],
+                                [source[int(i)]["label"] for i in perm])
+  for q in (0, 5):
+    image = source[int(perm[q])]["image"]
+    rng = np.random.default_rng([0, 0, q])
+    box = input_pipeline.random_resized_crop_params(
+        28, 28, crop_scale, input_pipeline.CROP_RATIO, rng)
+    view = input_pipeline.resize_bicubic(image, 28, 28, box)
+    if rng.random() < 0.5:
+      view = view[:, ::-1]
+    np.testing.assert_array_equal(batch["image"][q], view)
+  return batch
+
+
+def _head_step(h, labels, num_classes, lr):
+  """W after one SGD step from W = 0: −lr · hᵀ(softmax(0) − onehot) / B."""
+  onehot = np.eye(num_classes)[labels]
+  grad_w = h.T @ (1.0 / num_classes - onehot) / h.shape[0]
+  grad_b = (1.0 / num_classes - onehot).mean(0)
+  return -lr * grad_w, -lr * grad_b
+
+
+@needs_fmnist
+def test_augmented_probe_step_is_a_linear_step_on_frozen_h(tiny_workdir):
+  setup, state = evaluate.load_state(str(tiny_workdir))
+  result = supervised.train_supervised(setup, state, ONE_STEP, epochs=1,
+                                       finetune=False, max_examples=32)
+  assert result.steps == 1 and result.global_batch == 32
+  batch = _first_batch(setup, (0.08, 1.0))
+  x = augment.normalize(batch["image"], setup.config.dataset.mean,
+                        setup.config.dataset.std)
+  variables = {"params": jax.device_get(state.params),
+               "batch_stats": jax.device_get(state.batch_stats)}
+  h = np.asarray(setup.model.apply(variables, x, train=False)["h"])
+  w, b = _head_step(h, batch["label"], 10, 0.5)
+  np.testing.assert_allclose(result.head["w"], w, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(result.head["b"], b, rtol=1e-5, atol=1e-7)
+  # The backbone and its statistics are untouched.
+  jax.tree.map(np.testing.assert_array_equal, result.params,
+               variables["params"])
+  jax.tree.map(np.testing.assert_array_equal, result.batch_stats,
+               variables["batch_stats"])
+
+
+@needs_fmnist
+def test_finetune_trains_the_backbone_in_train_mode(tiny_workdir):
+  setup, state = evaluate.load_state(str(tiny_workdir))
+  variables = {"params": jax.device_get(state.params),
+               "batch_stats": jax.device_get(state.batch_stats)}
+  one = supervised.train_supervised(setup, state, ONE_STEP, epochs=1,
+                                    finetune=True, max_examples=32)
+  batch = _first_batch(setup, (0.08, 1.0))
+  x = augment.normalize(batch["image"], setup.config.dataset.mean,
+                        setup.config.dataset.std)
+  # Training-mode BatchNorm: batch statistics of the global batch, and the
+  # running averages move.
+  h, new_vars = setup.model.apply(variables, x, train=True,
+                                  mutable=["batch_stats"],
+                                  method=supervised.encode)
+  h = np.asarray(h)
+  w, _ = _head_step(h, batch["label"], 10, 0.5)
+  np.testing.assert_allclose(one.head["w"], w, rtol=1e-3, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6),
+               one.batch_stats["backbone"],
+               jax.device_get(new_vars["batch_stats"]["backbone"]))
+  # Step 1 starts from a zero head, so no gradient reaches the backbone;
+  # step 2 does.
+  jax.tree.map(np.testing.assert_array_equal, one.params["backbone"],
+               variables["params"]["backbone"])
+  two = supervised.train_supervised(setup, state, ONE_STEP, epochs=2,
+                                    finetune=True, max_examples=32)
+  moved = jax.tree.leaves(jax.tree.map(
+      lambda a, b: float(np.max(np.abs(a - b))), two.params["backbone"],
+      variables["params"]["backbone"]))
+  assert max(moved) > 0
+
+
+@needs_fmnist
+def test_finetune_and_augmented_probe_protocols_write_their_keys(
+    tiny_workdir, tmp_path):
+  options = evaluate.EvalOptions(
+      protocols=("finetune", "linear"), linear_probe="augmented",
+      max_examples=64, batch_size=64,
+      probe=dataclasses.replace(ONE_STEP, epochs=2, schedule="cosine"),
+      finetune_epochs=1, out_dir=str(tmp_path))
+  report = evaluate.evaluate(str(tiny_workdir), options)
+  for key in ("finetune_top1", "finetune_top5", "linear_top1",
+              "linear_top5"):
+    assert 0.0 <= report[key] <= 1.0, key
+  assert report["protocol"]["linear"]["mode"] == "augmented"
+  assert report["protocol"]["finetune"]["epochs"] == 1
+  assert "finetune_top1" in json.loads(
+      (tmp_path / "report.json").read_text())
+
+
+@needs_fmnist
+def test_mechanism_end_to_end_with_a_nuisance_source(tiny_workdir, tmp_path,
+                                                     monkeypatch):
+  """A dataset whose items carry a background label (the contract of
+  datasets.nuisance_names), built here from Fashion-MNIST by index."""
+  real_get_source = datasets.get_source
+
+  class WithBackground:
+    def __init__(self, source):
+      self.source = source
+
+    def __len__(self):
+      return len(self.source)
+
+    def __getitem__(self, i):
+      return {**self.source[i], "background": int(i) % 3}
+
+  monkeypatch.setattr(datasets, "get_source",
+                      lambda cfg, split: WithBackground(
+                          real_get_source(cfg, split)))
+  monkeypatch.setattr(datasets, "nuisance_names",
+                      lambda cfg: ("background",), raising=False)
+  options = evaluate.EvalOptions(
+      protocols=("mechanism",), max_examples=96, batch_size=32,
+      probe=dataclasses.replace(FAST_PROBE, epochs=2), save_features=True,
+      out_dir=str(tmp_path))
+  report = evaluate.evaluate(str(tiny_workdir), options)
+  saved = np.load(tmp_path / "features.npz")
+  np.testing.assert_array_equal(saved["test_background"],
+                                np.arange(96) % 3)
+  setup, state = evaluate.load_state(str(tiny_workdir))
+  te = evaluate.extract_features(setup, state, "test", 32, 96)
+  tr = evaluate.extract_features(setup, state, "train", 32, 96,
+                                 keys=("h", "z", "z_raw"))
+  np.testing.assert_array_equal(te["nuisance_background"],
+                                np.arange(96) % 3)
+  want, arrays = mechanism.mechanism_metrics(
+      te, 10, "background", 1.5, tr,
+      dataclasses.replace(linear_probe.ProbeConfig(), epochs=2))
+  for key, value in want.items():
+    assert report[key] == _none_if_nan(value), key
+  dims = np.load(tmp_path / "dims.npz")
+  np.testing.assert_array_equal(dims["is_background_dim"],
+                                arrays["is_background_dim"])
+  assert "| background dims |" in (tmp_path / "report.md").read_text()
 
 
 @needs_fmnist

@@ -74,10 +74,12 @@ def _cosine_rows(x):
 
 
 def _naive_retrieval(f, labels, k):
+  """All-zero rows are neither queries nor neighbours."""
   x = _cosine_rows(f)
+  live = [n for n in range(len(x)) if np.any(np.abs(f[n]) > 1e-5)]
   precisions = []
-  for q in range(len(x)):
-    others = [n for n in range(len(x)) if n != q]
+  for q in live:
+    others = [n for n in live if n != q]
     # Stable sort: equal similarities keep index order.
     ranked = sorted(others, key=lambda n: -float(x[q] @ x[n]))[:k]
     precisions.append(sum(labels[n] == labels[q] for n in ranked) / k)
@@ -412,8 +414,10 @@ def test_no_active_dims_gives_nan_not_a_crash():
     assert math.isnan(metrics.semantic_entropy(f, labels, variant=variant))
   assert math.isnan(metrics.orthogonality(f))
   assert math.isnan(metrics.effective_rank(np.zeros((3, 2)))["effective_rank"])
-  # Pairwise metrics stay finite on all-zero rows.
-  assert np.isfinite(metrics.retrieval_precision_at_k(f, labels, k=2))
+  # All rows are zero: no retrieval query is left (NaN, counted), and kNN
+  # stays finite.
+  ret = metrics.retrieval_report(f, labels, k=2)
+  assert math.isnan(ret["precision"]) and ret["zero_rows"] == 6
   out = metrics.knn_accuracy(f, labels, f, labels, num_classes=2, k=3)
   assert np.isfinite(out["top1"]) and np.isfinite(out["top5"])
   report = metrics.interpretability_report(f, labels, num_classes=2)
@@ -486,3 +490,109 @@ def test_report_runs_at_imagenet100_size():
   assert all(np.isfinite(v) for v in report.values()), report
   assert report["sparsity"] == pytest.approx(0.95, abs=0.01)
   assert report["active_dims"] == float(d)
+
+
+# ----------------------------------------------------------------------------
+# Value rankings, support, purity, disentanglement, all-zero retrieval rows.
+# ----------------------------------------------------------------------------
+def test_top_k_consistency_by_value_on_signed_features():
+  # Dim 0: large positive values on class 0, large negative ones on class 1:
+  # by |f| its top 4 mix both classes, by value they are all class 0.
+  f = np.array([[5., 1.], [4., 1.], [-6., 1.], [-5., 1.], [0.5, -1.],
+                [0.2, 2.]])
+  labels = np.array([0, 0, 1, 1, 1, 0])
+  # dim 0 top-2 by value {0, 1} -> 1.0; dim 1 top-2 by value: 5 (2.), then
+  # the tie 0..3 (1.) resolved to the lowest index 0 -> {5, 0} both class 0.
+  assert metrics.semantic_consistency(
+      f, labels, 2, top_k=2, rank_by="value") == pytest.approx(1.0)
+  # by magnitude dim 0 takes {2 (6), 0 (5)} -> 0.5; dim 1 takes {5, 0} -> 1.
+  assert metrics.semantic_consistency(
+      f, labels, 2, top_k=2, rank_by="magnitude") == pytest.approx(0.75)
+  np.testing.assert_array_equal(metrics.top_activating_indices(
+      f, [0], 3, rank_by="value"), [[0, 1, 4]])
+  np.testing.assert_array_equal(metrics.top_activating_indices(
+      f, [0], 3), [[2, 0, 3]])
+  # Σ max(f, 0): dim 0 9.7, dim 1 6; Σ |f|: dim 0 20.7 too. A dim whose mass
+  # is negative ranks last by value.
+  g = np.stack([f[:, 0], -np.abs(f[:, 0]) * 2, f[:, 1]], axis=1)
+  np.testing.assert_array_equal(metrics.most_active_dims(g, 3, "value"),
+                                [0, 2, 1])
+  np.testing.assert_array_equal(metrics.most_active_dims(g, 3), [1, 0, 2])
+  with pytest.raises(ValueError, match="rank_by"):
+    metrics.most_active_dims(g, 1, "abs")
+
+
+def test_purity_support_and_top_k_consistency_against_numpy():
+  rng = np.random.default_rng(7)
+  n, d, c = 60, 9, 4
+  f = rng.normal(size=(n, d))
+  f[rng.random((n, d)) < 0.6] = 0.0        # sparse, signed
+  f[:, 8] = 0.0                            # a dead dim
+  labels = rng.integers(0, c, n)
+  support = (np.abs(f) > metrics.ZERO_TOL).sum(0)
+  np.testing.assert_array_equal(metrics.dim_support(f), support)
+  purity = np.full(d, np.nan)
+  top = np.full(d, np.nan)
+  k = 7
+  for j in range(d):
+    act = np.abs(f[:, j]) > metrics.ZERO_TOL
+    if act.any():
+      purity[j] = np.bincount(labels[act], minlength=c).max() / act.sum()
+    order = np.argsort(-f[:, j], kind="stable")[:k]
+    order = order[f[order, j] > metrics.ZERO_TOL]
+    if order.size:
+      top[j] = np.bincount(labels[order], minlength=c).max() / order.size
+  np.testing.assert_allclose(metrics.dim_purity(f, labels, c), purity)
+  np.testing.assert_allclose(
+      metrics.dim_purity(f, labels, c, top_k=k, rank_by="value"), top)
+  assert metrics.semantic_consistency(f, labels, c) == pytest.approx(
+      np.nanmean(purity))
+  assert metrics.semantic_consistency(
+      f, labels, c, top_k=k, rank_by="value") == pytest.approx(
+          np.nanmean(top))
+
+
+def test_disentanglement_by_hand_and_against_numpy():
+  # Dims 0 and 1 sum to 12 and 11, dim 2 to 3 (dropped). cos(0, 1) = 0.6.
+  f = np.zeros((25, 3))
+  f[:4, 0] = 3.0                    # column (3,3,3,3,0,...)
+  f[:, 1] = 0.0
+  f[:4, 1] = [2.75, 2.75, 0., 0.]
+  f[4:8, 1] = [2.75, 2.75, 0., 0.]
+  f[10, 2] = 3.0
+  col0, col1 = f[:, 0] / np.linalg.norm(f[:, 0]), f[:, 1] / np.linalg.norm(
+      f[:, 1])
+  cos = float(col0 @ col1)
+  assert cos == pytest.approx(0.5)
+  out = metrics.disentanglement(f)
+  assert out["disentanglement_dims"] == 2
+  # |C − I| = [[0, .5], [.5, 0]]: median of (0, .5, .5, 0) = 0.25.
+  assert out["disentanglement"] == pytest.approx(0.25)
+  rng = np.random.default_rng(3)
+  g = np.maximum(rng.normal(size=(200, 12)), 0.0)
+  g[:, 5] *= 0.01                              # sum < 10: dropped
+  keep = g.sum(0) > 10
+  cols = g[:, keep] / np.linalg.norm(g[:, keep], axis=0)
+  want = np.median(np.abs(cols.T @ cols - np.eye(keep.sum())))
+  got = metrics.disentanglement(g)
+  assert got["disentanglement_dims"] == 11
+  assert got["disentanglement"] == pytest.approx(want, rel=1e-6)
+  assert math.isnan(metrics.disentanglement(g * 0)["disentanglement"])
+
+
+def test_retrieval_excludes_and_counts_all_zero_rows():
+  # Rows 0-3 at 0, 10, 170, 180 degrees (labels 0, 0, 1, 1); rows 4, 5 all
+  # zero (label 0). With cosine 0 to everything, the zero rows would beat
+  # the opposite points (cosine < 0) as neighbours.
+  f = np.zeros((6, 2))
+  f[:4] = _points_on_circle([0, 10, 170, 180])
+  labels = np.array([0, 0, 1, 1, 0, 0])
+  out = metrics.retrieval_report(f, labels, k=1)
+  assert out == {"precision": pytest.approx(1.0), "zero_rows": 2,
+                 "queries": 4}
+  # k=3: each query sees exactly the 3 other non-zero rows, one of its
+  # class: 1/3 (with the zero rows as neighbours it would be 2/3).
+  assert metrics.retrieval_precision_at_k(f, labels, k=3) == pytest.approx(
+      1 / 3)
+  # Fewer than k + 1 non-zero rows left: NaN, not a made-up number.
+  assert math.isnan(metrics.retrieval_precision_at_k(f, labels, k=4))
