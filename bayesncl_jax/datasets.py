@@ -158,6 +158,17 @@ def nuisance_names(dataset_config) -> tuple[str, ...] | None:
   return None
 
 
+def nuisance_labels(dataset_config) -> dict[str, tuple[str, ...]]:
+  """{label key in the examples: names of its values}; {} without one.
+
+  The nuisance labels a dataset's examples carry besides "label" (today only
+  `"background"` of fashion_mnist_backgrounds), for the `mechanism`
+  evaluator and the explorer.
+  """
+  names = nuisance_names(dataset_config)
+  return {} if names is None else {"background": names}
+
+
 def num_examples(dataset_config, split: str) -> int:
   """Number of examples `get_source(dataset_config, split)` holds."""
   return len(get_source(dataset_config, split))

@@ -260,10 +260,15 @@ def test_source_pickles_small_and_nuisance_names(tmp_path):
       "sunset gradient", "ocean gradient", "red diagonal stripes",
       "green checks")
   assert set(source.backgrounds.tolist()) == {0, 1, 2, 3}
+  # The evaluators' view: one nuisance label, keyed as in the examples.
+  labels = datasets.nuisance_labels(config.dataset)
+  assert list(labels) == ["background"] and "background" in source[0]
+  assert labels["background"] == datasets.nuisance_names(config.dataset)
   plain = config_lib.base_config()
   for name in ("fashion_mnist", "cifar10", "imagenet100"):
     plain.dataset.name = name
     assert datasets.nuisance_names(plain.dataset) is None
+    assert datasets.nuisance_labels(plain.dataset) == {}
   with pytest.raises(ValueError, match="splits"):
     datasets.get_source(config.dataset, "validation")
 

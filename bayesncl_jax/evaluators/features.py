@@ -40,14 +40,12 @@ NUISANCE_PREFIX = "nuisance_"
 
 
 def nuisance_names(config) -> tuple[str, ...]:
-  """Names of the nuisance labels the dataset's examples carry, or ().
+  """Keys of the nuisance labels the dataset's examples carry, or ().
 
-  `datasets.nuisance_names(dataset_config)` says which (None: none); a
-  dataset module without that function has none.
+  From `datasets.nuisance_labels(config.dataset)` (e.g. ("background",) for
+  fashion_mnist_backgrounds).
   """
-  names_fn = getattr(datasets, "nuisance_names", None)
-  names = names_fn(config.dataset) if names_fn is not None else None
-  return tuple(names or ())
+  return tuple(datasets.nuisance_labels(config.dataset))
 
 
 def nuisance_labels(config, split: str, index: np.ndarray,
