@@ -57,6 +57,7 @@ from bayesncl_jax import datasets
 from bayesncl_jax import input_pipeline
 from bayesncl_jax import linear_probe
 from bayesncl_jax import metrics
+from bayesncl_jax import paths
 from bayesncl_jax import plots
 from bayesncl_jax import sharding
 from bayesncl_jax import train
@@ -341,7 +342,7 @@ def evaluate(workdir: str, options: EvalOptions = EvalOptions(), *,
   num_classes = config.dataset.num_classes
   names = class_names(config)
   step = int(jax.device_get(state.step))
-  out_dir = options.out_dir or os.path.join(os.fspath(workdir), "eval")
+  out_dir = options.out_dir or paths.join(workdir, "eval")
   seconds = {"restore": time.time() - t0}
 
   t = time.time()
@@ -516,25 +517,23 @@ def report_markdown(report: dict[str, Any]) -> str:
 def write_outputs(out_dir: str, report: dict[str, Any],
                   test: dict[str, np.ndarray], grid, names, feature_dim: int):
   """report.json, report.md and the figures into out_dir."""
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
-  with open(os.path.join(out_dir, "report.md"), "w") as f:
-    f.write(report_markdown(report))
+  paths.ensure_dir(out_dir)
+  paths.write_json(paths.join(out_dir, "report.json"), report)
+  paths.write_text(paths.join(out_dir, "report.md"), report_markdown(report))
   title = f"{report['method']}, step {report['step']}"
   plots.active_dims_histogram(metrics.active_dims_per_sample(test["z"]),
                               feature_dim,
-                              os.path.join(out_dir, "active_dims_hist.png"),
+                              paths.join(out_dir, "active_dims_hist.png"),
                               title)
   if report.get("feature_selection"):
     plots.selection_curve({report["method"]: report["feature_selection"]},
-                          os.path.join(out_dir, "feature_selection.png"),
+                          paths.join(out_dir, "feature_selection.png"),
                           title)
   if grid is not None:
-    np.savez_compressed(os.path.join(out_dir, "top_activations.npz"), **grid)
+    paths.save_npz(paths.join(out_dir, "top_activations.npz"), **grid)
     plots.top_activation_grid(grid["images"], grid["labels"], grid["dims"],
                               names,
-                              os.path.join(out_dir, "top_activations.png"),
+                              paths.join(out_dir, "top_activations.png"),
                               f"{title}: test images activating each of "
                               "the most active dims most")
 
@@ -600,7 +599,7 @@ def main(argv):
     logging.error("%s", e)
     sys.exit(f"error: {e}")
   if jax.process_index() == 0:
-    out_dir = FLAGS.out_dir or os.path.join(FLAGS.workdir, "eval")
+    out_dir = FLAGS.out_dir or paths.join(FLAGS.workdir, "eval")
     print(report_markdown(report), flush=True)
     print(f"Wrote {out_dir}/report.json, report.md and figures.", flush=True)
 

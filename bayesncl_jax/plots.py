@@ -2,7 +2,7 @@
 
 Matplotlib through `Figure` objects with the Agg canvas, never pyplot: no
 display, no global figure state, safe to call from tests and from several
-evaluations in one process.
+evaluations in one process. `path` may be local or gs:// (`paths`).
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ matplotlib.use("Agg")
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from matplotlib.figure import Figure
 import numpy as np
+
+from bayesncl_jax import paths
 
 # One colour per method, the same in every figure.
 METHOD_COLORS = {"cl": "#7f7f7f", "ncl": "#1f77b4", "bayesncl": "#d62728"}
@@ -61,7 +63,7 @@ def top_activation_grid(images: np.ndarray, labels: np.ndarray,
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path, dpi=100)
 
 
 def active_dims_histogram(counts: np.ndarray, feature_dim: int, path: str,
@@ -81,7 +83,7 @@ def active_dims_histogram(counts: np.ndarray, feature_dim: int, path: str,
   if title:
     ax.set_title(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path, dpi=100)
 
 
 def _plot_selection(ax, curves: Mapping[str, Sequence[Mapping[str, float]]],
@@ -116,7 +118,7 @@ def selection_curve(curves: Mapping[str, Sequence[Mapping[str, float]]],
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path, dpi=100)
 
 
 def _mosaic(images: np.ndarray, pad: int = 2) -> np.ndarray:
@@ -188,4 +190,4 @@ def comparison_figure(reports: Mapping[str, Mapping[str, float]],
   if title:
     fig.suptitle(title, fontsize=11)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path, dpi=100)
