@@ -11,8 +11,8 @@ Object stores have no append and no directories:
 
 * `Appender` (metrics.jsonl) keeps the file's text and rewrites the object
   at each flush; local files are appended to.
-* `tensorboard_writer` routes tensorboardX's `gs://` event files through the
-  same layer (the whole event file is rewritten at each flush, as
+* `tensorboard_writer` writes TensorBoard event files through the same
+  layer (on gs:// the whole event file is rewritten at each flush, as
   tensorboardX's own cloud writers do).
 * `ensure_dir` creates local folders; for `gs://` it only checks that the
   bucket exists (a missing bucket is an error, never created implicitly).
@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from typing import Any
 
 from etils import epath
@@ -288,15 +289,43 @@ class _RemoteRecordWriterFactory:
     ensure_dir(path)
 
 
-def tensorboard_writer(logdir: PathLike):
-  """A tensorboardX `SummaryWriter` for a local or gs:// folder."""
-  # pylint: disable=g-import-not-at-top
-  from tensorboardX import SummaryWriter
-  from tensorboardX import record_writer
-  # pylint: enable=g-import-not-at-top
-  logdir = check(logdir)
-  if is_remote(logdir):
-    for scheme in REMOTE_SCHEMES:
-      record_writer.register_writer_factory(scheme.rstrip(":/"),
-                                            _RemoteRecordWriterFactory())
-  return SummaryWriter(logdir)
+class TensorBoardWriter:
+  """Scalars to a TensorBoard event file in a local or gs:// folder.
+
+  Synchronous, unlike tensorboardX's `SummaryWriter` (whose `flush` does not
+  wait for the events still queued for its writer thread): after `flush`
+  every scalar added is in the file, so a run killed right after a logging
+  step loses none. One new event file per writer, as TensorBoard expects.
+  """
+
+  def __init__(self, logdir: PathLike):
+    # pylint: disable=g-import-not-at-top
+    from tensorboardX import record_writer
+    from tensorboardX.event_file_writer import EventsWriter
+    # pylint: enable=g-import-not-at-top
+    logdir = ensure_dir(logdir)
+    if is_remote(logdir):
+      for scheme in REMOTE_SCHEMES:
+        record_writer.register_writer_factory(scheme.rstrip(":/"),
+                                              _RemoteRecordWriterFactory())
+    self._events = EventsWriter(join(logdir, "events"))
+
+  def add_scalar(self, tag: str, value: float, step: int) -> None:
+    # pylint: disable=g-import-not-at-top
+    from tensorboardX import summary
+    from tensorboardX.proto import event_pb2
+    # pylint: enable=g-import-not-at-top
+    self._events.write_event(event_pb2.Event(
+        wall_time=time.time(), step=int(step),
+        summary=summary.scalar(tag, float(value))))
+
+  def flush(self) -> None:
+    self._events.flush()
+
+  def close(self) -> None:
+    self._events.close()
+
+
+def tensorboard_writer(logdir: PathLike) -> TensorBoardWriter:
+  """A `TensorBoardWriter` (add_scalar, flush, close) for `logdir`."""
+  return TensorBoardWriter(logdir)
