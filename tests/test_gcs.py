@@ -336,10 +336,14 @@ def pod(gcs, tmp_path_factory):
     time.sleep(0.2)
   preempted.procs[1].send_signal(signal.SIGTERM)
   codes = {"preempted": preempted.wait(), "straight": straight.wait()}
+  # What the preempted run left, before the resume adds to it.
+  left = {"steps": _steps_saved(gcs, preempted.workdir),
+          "summary": json.loads(raw_object(gcs, paths.join(
+              preempted.workdir, "summary.json")))}
   resumed = _pod_job(f"{base}/preempted", root / "resumed", cache)
   codes["resumed"] = resumed.wait()
   return {"base": base, "codes": codes, "straight": straight,
-          "preempted": preempted, "resumed": resumed}
+          "preempted": preempted, "resumed": resumed, "left": left}
 
 
 def _steps_saved(gcs, workdir) -> list[int]:
@@ -395,9 +399,8 @@ def test_sigterm_to_one_process_stops_the_pod_at_one_step(gcs, pod):
     said.append(int(out.split(marker)[1].split()[0]))
   step = said[0]
   assert said == [step, step] and 2 <= step < POD_STEPS
-  assert _steps_saved(gcs, job.workdir) == [step]
-  summary = json.loads(raw_object(gcs, paths.join(job.workdir,
-                                                  "summary.json")))
+  assert pod["left"]["steps"] == [step]
+  summary = pod["left"]["summary"]
   assert summary["preempted"] and summary["step"] == step
 
   # Resumed from the bucket: bit for bit the uninterrupted run.
