@@ -854,3 +854,75 @@ def test_readme_dry_run_examples_are_current():
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "+ " + expected, command
+
+
+# ------------------------------------------------------- gpu_setup, SLURM ----
+
+def test_gpu_setup_one_pip_call_with_the_pinned_cuda_jax(fake):
+  """A 3.10 venv is rebuilt with python3.11; requirements.txt and
+  jax[cuda12] at the requirements' jax pin go through ONE pip resolution."""
+  fake_python(fake, fake.bin / "python3", (3, 10), name="python3")
+  fake_python(fake, fake.bin / "python3.11", (3, 11), name="python3.11")
+  for tool in ("cp", "sed"):
+    if not (fake.bin / tool).exists():
+      (fake.bin / tool).symlink_to(shutil.which(tool))
+  venv = fake.tmp / "venv"
+  (venv / "bin").mkdir(parents=True)
+  stale = venv / "bin" / "python"
+  stale.write_bytes((fake.tmp / "venv_python_310").read_bytes())
+  stale.chmod(0o755)
+  proc = sh("gpu_setup.sh", f"--venv={venv}", env=fake.env, check=0)
+  assert "was made by another Python version: rebuilding it with python3.11" \
+      in proc.stderr
+  repo = LAUNCH.parent
+  jax_pin = re.search(r"^jax==(\S+)$", (repo / "requirements.txt").read_text(),
+                      flags=re.M)[1]
+  assert _pips(fake) == [
+      ["-m", "pip", "install", "-q", "-U", "pip"],
+      ["-m", "pip", "install", "-q", "-r", f"{repo}/requirements.txt",
+       f"jax[cuda12]=={jax_pin}"],
+      ["-m", "pip", "install", "-q", "--no-deps", "-e", str(repo)]]
+  assert ("python3.11", ["-m", "venv"]) in _progs(fake.calls())
+  # Again: the venv is kept.
+  (fake.tmp / "calls.log").unlink()
+  proc = sh("gpu_setup.sh", f"--venv={venv}", env=fake.env, check=0)
+  assert ("python3.11", ["-m", "venv"]) not in _progs(fake.calls())
+  assert "rebuilding" not in proc.stderr
+
+
+def test_gpu_setup_without_python311_names_the_fix(fake):
+  fake_python(fake, fake.bin / "python3", (3, 10), name="python3")
+  proc = sh("gpu_setup.sh", "--dry-run", env=fake.env)
+  assert proc.returncode == 2
+  assert "no Python >= 3.11 found" in proc.stderr
+  assert "apt-get install python3.11" in proc.stderr
+
+
+def test_gpu_slurm_sbatch_starts_one_process_per_node(fake, tmp_path):
+  """The sbatch script under a fake srun (two tasks) and scontrol: each
+  task runs gpu_train.sh with the first node as coordinator and its own
+  SLURM_PROCID; --dry-run is passed through, so each prints its command."""
+  write_exe(fake.bin / "scontrol", "#!/bin/sh\nprintf 'gpu-a\\ngpu-b\\n'\n")
+  write_exe(fake.bin / "srun", """#!/bin/bash
+while [[ $1 == --* ]]; do shift; done
+for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i "$@" || exit; done
+""")
+  env = {**fake.env, "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_NTASKS": "2",
+         "SLURM_SUBMIT_DIR": str(LAUNCH.parent)}
+  proc = subprocess.run(
+      ["bash", str(LAUNCH / "gpu_slurm.sbatch"), "--config=configs/c.py",
+       "--workdir=gs://bucket/run", *TRICKY, "--dry-run"],
+      capture_output=True, text=True, env=env, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  cmds = [shlex.split(line[2:]) for line in proc.stdout.splitlines()]
+  python = f"{LAUNCH.parent}/.venv/bin/python"
+  assert cmds == [
+      ["env", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9", "NCCL_DEBUG=WARN", python,
+       "-m", "bayesncl_jax.main", "--config=configs/c.py",
+       "--workdir=gs://bucket/run", "--coordinator_address=gpu-a:12345",
+       "--num_processes=2", f"--process_id={i}", *TRICKY] for i in (0, 1)]
+  # Outside an allocation: a clear error.
+  env.pop("SLURM_JOB_NODELIST")
+  proc = subprocess.run(["bash", str(LAUNCH / "gpu_slurm.sbatch")],
+                        capture_output=True, text=True, env=env, timeout=60)
+  assert proc.returncode != 0 and "run this with sbatch" in proc.stderr
