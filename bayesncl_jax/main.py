@@ -28,6 +28,7 @@ from ml_collections import config_flags
 
 from bayesncl_jax import cli
 from bayesncl_jax import distributed
+from bayesncl_jax import paths
 from bayesncl_jax import train
 
 FLAGS = flags.FLAGS
@@ -52,9 +53,13 @@ def main(argv):
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  summary = train.train_and_evaluate(
-      FLAGS.config, FLAGS.workdir,
-      kill_after_step=FLAGS.debug_kill_after_step)
+  try:
+    summary = train.train_and_evaluate(
+        FLAGS.config, FLAGS.workdir,
+        kill_after_step=FLAGS.debug_kill_after_step)
+  except paths.PathError as e:  # a bad --workdir / data_dir: no traceback.
+    logging.error("%s", e)
+    sys.exit(f"error: {e}")
   if jax.process_index() == 0:
     print(train.format_summary(summary), flush=True)
   if summary["preempted"]:
