@@ -32,7 +32,6 @@ import gzip
 import hashlib
 import importlib.resources
 import io
-import json
 import os
 import struct
 import zlib
@@ -44,6 +43,7 @@ import numpy as np
 from PIL import Image
 
 from bayesncl_jax import backgrounds
+from bayesncl_jax import paths
 
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 _FASHION_MNIST_FILES = {
@@ -140,8 +140,8 @@ def num_classes(dataset_config) -> int:
     raise ValueError(f"Unknown dataset {name!r}; supported: "
                      f"{', '.join(sorted(_NUM_CLASSES))}.")
   if name == "imagenet100" and dataset_config.data_dir:
-    meta_path = os.path.join(dataset_config.data_dir, IMAGENET100_METADATA)
-    if os.path.exists(meta_path):
+    meta_path = paths.join(dataset_config.data_dir, IMAGENET100_METADATA)
+    if paths.exists(meta_path):
       return len(_read_imagenet100_metadata(dataset_config.data_dir)["classes"])
   return _NUM_CLASSES[name]
 
@@ -177,8 +177,7 @@ def num_examples(dataset_config, split: str) -> int:
 def imagenet100_classes(classes_file: str | None = None) -> list[str]:
   """The ImageNet-100 WordNet ids, in label order (label i = i-th wnid)."""
   if classes_file:
-    with open(classes_file) as f:
-      text = f.read()
+    text = paths.read_text(classes_file)
   else:
     text = (importlib.resources.files("bayesncl_jax")
             .joinpath("imagenet100_classes.txt").read_text())
@@ -309,8 +308,7 @@ def _read_idx(path: str, magic: int, item_shape: tuple[int, ...],
               expected_count: int) -> np.ndarray:
   """Reads a gzipped IDX file of uint8, validating magic, dims and size."""
   try:
-    with gzip.open(path, "rb") as f:
-      data = f.read()
+    data = gzip.decompress(paths.read_bytes(path))
   except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError.
     raise ValueError(f"Corrupt IDX file {path}: cannot decompress ({e}). "
                      "Reinstall it (apt-get install --reinstall "
@@ -339,9 +337,9 @@ def load_fashion_mnist_idx(directory: str, split: str) -> ArrayImageSource:
   """Loads one Fashion-MNIST split from the IDX `.gz` files in `directory`."""
   images_name, labels_name = _FASHION_MNIST_FILES[split]
   count = _FASHION_MNIST_SIZES[split]
-  images = _read_idx(os.path.join(directory, images_name), _IDX_IMAGES_MAGIC,
+  images = _read_idx(paths.join(directory, images_name), _IDX_IMAGES_MAGIC,
                      (28, 28), count)
-  labels_path = os.path.join(directory, labels_name)
+  labels_path = paths.join(directory, labels_name)
   labels = _read_idx(labels_path, _IDX_LABELS_MAGIC, (), count)
   if labels.max() >= 10:
     raise ValueError(f"Corrupt IDX file {labels_path}: label {labels.max()} "
@@ -356,13 +354,13 @@ def _fashion_mnist_source(split: str, data_dir: str):
   # An explicit data_dir is searched alone: silently reading other data than
   # the one asked for would be worse than an error.
   idx_dir = data_dir or FASHION_MNIST_DEBIAN_DIR
-  paths = [os.path.join(idx_dir, f) for f in _FASHION_MNIST_FILES[split]]
-  present = [os.path.exists(p) for p in paths]
+  files = [paths.join(idx_dir, f) for f in _FASHION_MNIST_FILES[split]]
+  present = [paths.exists(p) for p in files]
   if all(present):
     logging.info("Fashion-MNIST %s: IDX files in %s.", split, idx_dir)
     return load_fashion_mnist_idx(idx_dir, split)
   if any(present):
-    missing = [p for p, ok in zip(paths, present) if not ok]
+    missing = [p for p, ok in zip(files, present) if not ok]
     raise DatasetNotFoundError(f"Fashion-MNIST IDX file(s) missing: "
                                f"{', '.join(missing)}.")
   return TfdsImageSource(_tfds_data_source(
@@ -584,17 +582,16 @@ def _imagenet100_source(split: str, data_dir: str):
   if split != "train" and split not in _IMAGENET_EVAL_SPLITS:
     raise ValueError(f"ImageNet-100 has splits 'train' and 'val' (aliases "
                      f"'validation', 'test'), not {split!r}.")
-  if data_dir and os.path.exists(os.path.join(data_dir, IMAGENET100_METADATA)):
+  if data_dir and paths.exists(paths.join(data_dir, IMAGENET100_METADATA)):
     return ImageNet100ArrayRecordSource(data_dir, split)
-  if data_dir and not os.path.isdir(data_dir):
+  if data_dir and not paths.isdir(data_dir):
     raise DatasetNotFoundError(_imagenet100_missing_message(data_dir))
   return ImageNet100TfdsSource(data_dir, split)
 
 
 def _read_imagenet100_metadata(data_dir: str) -> dict[str, Any]:
-  path = os.path.join(data_dir, IMAGENET100_METADATA)
-  with open(path) as f:
-    meta = json.load(f)
+  path = paths.join(data_dir, IMAGENET100_METADATA)
+  meta = paths.read_json(path)
   if meta.get("format") != IMAGENET100_FORMAT:
     raise ValueError(f"{path} has format {meta.get('format')!r}, expected "
                      f"{IMAGENET100_FORMAT!r}; re-run prepare_imagenet100.")
@@ -612,15 +609,16 @@ class ImageNet100ArrayRecordSource:
     if self.classes != imagenet100_classes():
       logging.warning("%s was converted with a custom class list of %d "
                       "classes, not the ImageNet-100 list.",
-                      os.path.join(data_dir, IMAGENET100_METADATA),
+                      paths.join(data_dir, IMAGENET100_METADATA),
                       len(self.classes))
-    paths = [os.path.join(data_dir, name) for name in info["files"]]
-    missing = [p for p in paths if not os.path.exists(p)]
+    # ArrayRecord reads gs:// shards itself (its own GCS client).
+    files = [paths.join(data_dir, name) for name in info["files"]]
+    missing = [p for p in files if not paths.exists(p)]
     if missing:
       raise DatasetNotFoundError(
           f"ImageNet-100 shards listed in {IMAGENET100_METADATA} are missing: "
           f"{', '.join(missing[:5])}. Re-run: {_PREPARE_CMD}")
-    self._records = grain.sources.ArrayRecordDataSource(paths)
+    self._records = grain.sources.ArrayRecordDataSource(files)
     if len(self._records) != info["num_examples"]:
       raise ValueError(f"ImageNet-100 {key}: {len(self._records)} records in "
                        f"the shards but {info['num_examples']} in the "
@@ -727,12 +725,12 @@ class ImageNet100TfdsSource:
     digest = hashlib.sha1(" ".join(self.classes).encode()).hexdigest()[:12]
     filename = (f"imagenet100_from_imagenet2012-{info.version}-{tfds_split}-"
                 f"n{n}-{digest}.npz")
-    cache_dirs = ([os.path.join(data_dir, "bayesncl_cache")] if data_dir
+    cache_dirs = ([paths.join(data_dir, "bayesncl_cache")] if data_dir
                   else []) + [_default_cache_dir()]
     for cache_dir in cache_dirs:
-      path = os.path.join(cache_dir, filename)
-      if os.path.exists(path):
-        with np.load(path) as cached:
+      path = paths.join(cache_dir, filename)
+      if paths.exists(path):
+        with np.load(io.BytesIO(paths.read_bytes(path))) as cached:
           logging.info("ImageNet-100 %s: %d kept indices loaded from the "
                        "cache %s.", tfds_split, len(cached["indices"]), path)
           return cached["indices"], cached["labels"]
@@ -750,14 +748,13 @@ class ImageNet100TfdsSource:
     labels = new_labels[indices].astype(np.int32)
 
     for cache_dir in cache_dirs:
-      path = os.path.join(cache_dir, filename)
+      path = paths.join(cache_dir, filename)
       try:
-        os.makedirs(cache_dir, exist_ok=True)
-        # Write then rename: concurrent hosts never read a half-written file.
-        tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(tmp, indices=indices, labels=labels)
-        os.replace(tmp, path)
-      except OSError as e:
+        paths.ensure_dir(cache_dir)
+        # Written at once (local: a renamed temporary file; gs://: one
+        # upload): concurrent hosts never read a half-written file.
+        paths.save_npz(path, indices=indices, labels=labels)
+      except (OSError, paths.PathError) as e:
         logging.warning("Cannot write the ImageNet-100 index cache in %s: %s",
                         cache_dir, e)
         continue

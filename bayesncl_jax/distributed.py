@@ -1,9 +1,15 @@
 """Multi-process start-up: `jax.distributed.initialize` with clear errors.
 
 Single process (a laptop, one GPU host driving all its GPUs): nothing to do.
-Cloud TPU pod: every worker runs the same command; JAX detects the pod.
-GPU clusters: --coordinator_address=host:port --num_processes=N
---process_id=i on every process (or the JAX_* environment variables).
+Cloud TPU VM with several hosts (a pod slice: v4-32, v5litepod-16, ...):
+every worker runs the same command and `jax.distributed.initialize()` is
+called with no arguments, so that JAX's own cluster detection finds the
+coordinator, the process count and this worker's index (from the GCE
+metadata server on gcloud-created TPU VMs, from TPU_WORKER_HOSTNAMES /
+TPU_PROCESS_ADDRESSES on GKE). See `plan` for how a pod is recognised.
+GPU clusters (SLURM or by hand): --coordinator_address=host:port
+--num_processes=N --process_id=i on every process (or the JAX_* environment
+variables).
 
 With an explicit coordinator address, the processes first meet in a small
 TCP handshake on the coordinator's port (`rendezvous`), then call
@@ -36,13 +42,99 @@ def define_flags():
   flags.DEFINE_bool("distributed", None,
                     "Force (True) or skip (False) jax.distributed "
                     "initialisation; default: on when multi-process "
-                    "settings or a TPU pod are detected.")
+                    "settings are given or this is a TPU VM of a slice "
+                    "with more than one host.")
 
 
-def _on_tpu_pod() -> bool:
-  # TPU VM workers of a multi-host slice get these from the runtime.
-  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return len([h for h in hosts.split(",") if h]) > 1
+# PCI ids of Cloud TPU chips (vendor Google), as in JAX's hardware_utils.
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063",
+                    "0x006f", "0x0076")
+_METADATA_URL = ("http://{host}/computeMetadata/v1/instance/attributes/"
+                 "worker-network-endpoints")
+
+
+def on_tpu_vm(pci_root: str = "/sys/bus/pci/devices") -> bool:
+  """True on a Cloud TPU VM: a Google TPU chip is on this host's PCI bus.
+
+  Local files only, no network: the check JAX itself makes before it asks
+  the metadata server anything.
+  """
+  try:
+    devices = os.listdir(pci_root)
+  except OSError:
+    return False
+  for device in devices:
+    try:
+      with open(os.path.join(pci_root, device, "vendor")) as f:
+        vendor = f.read().strip()
+      if vendor != _GOOGLE_PCI_VENDOR:
+        continue
+      with open(os.path.join(pci_root, device, "device")) as f:
+        if f.read().strip() in _TPU_PCI_DEVICES:
+          return True
+    except OSError:
+      continue
+  return False
+
+
+def gce_tpu_worker_endpoints(timeout: float = 5.0) -> str | None:
+  """The `worker-network-endpoints` metadata of a gcloud-created TPU VM.
+
+  One comma-separated entry per host of the slice; None when the metadata
+  server does not answer (not GCE) or has no such attribute.
+  """
+  import urllib.request  # pylint: disable=g-import-not-at-top
+  host = os.environ.get("GCE_METADATA_IP", "metadata.google.internal")
+  request = urllib.request.Request(_METADATA_URL.format(host=host),
+                                   headers={"Metadata-Flavor": "Google"})
+  try:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+      return response.read().decode()
+  except OSError:
+    return None
+
+
+def tpu_host_count(env=None, metadata=gce_tpu_worker_endpoints) -> int:
+  """Hosts of this TPU slice: GKE's environment, else the GCE metadata."""
+  env = os.environ if env is None else env
+  for key in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
+    if env.get(key):
+      return len([h for h in env[key].split(",") if h.strip()])
+  endpoints = metadata()
+  if not endpoints:
+    return 1
+  return len([e for e in endpoints.split(",") if e.strip()])
+
+
+def plan(coordinator_address: str | None = None,
+         num_processes: int | None = None, process_id: int | None = None,
+         *, force: bool | None = None, env=None, tpu_vm=on_tpu_vm,
+         tpu_hosts=tpu_host_count) -> str:
+  """How this process joins a multi-process run: a pure decision.
+
+  Returns "explicit" (coordinator address, process count and id given: GPU
+  hosts, SLURM), "auto" (`jax.distributed.initialize()` with no arguments:
+  a TPU VM with more than one host, or --distributed without settings) or
+  "none" (one process). `force=False` (--nodistributed) always gives
+  "none". The settings come from the arguments, else the JAX_* variables of
+  `env`; `tpu_vm()` and `tpu_hosts()` are asked only when none are given.
+  """
+  env = os.environ if env is None else env
+  explicit = [coordinator_address or env.get("JAX_COORDINATOR_ADDRESS"),
+              num_processes if num_processes is not None
+              else env.get("JAX_NUM_PROCESSES"),
+              process_id if process_id is not None
+              else env.get("JAX_PROCESS_ID")]
+  if force is False:
+    return "none"
+  if any(v is not None for v in explicit):
+    return "explicit"
+  if force:
+    return "auto"
+  if tpu_vm() and tpu_hosts() > 1:
+    return "auto"
+  return "none"
 
 
 def initialize(coordinator_address: str | None = None,
@@ -51,11 +143,28 @@ def initialize(coordinator_address: str | None = None,
                force: bool | None = None) -> bool:
   """Joins the multi-process runtime when there is one; returns whether.
 
-  A process that cannot reach the others within `timeout` seconds raises a
-  RuntimeError that says which settings to check, instead of hanging; with
-  an explicit coordinator address it is a RendezvousError that names the
-  processes that never joined (see `rendezvous`).
+  See `plan` for when. A process that cannot reach the others within
+  `timeout` seconds raises a RuntimeError that says which settings to
+  check, instead of hanging; with an explicit coordinator address it is a
+  RendezvousError that names the processes that never joined (see
+  `rendezvous`).
   """
+  how = plan(coordinator_address, num_processes, process_id, force=force)
+  if how == "none":
+    return False
+  if how == "auto":
+    logging.info("Multi-host TPU VM (or --distributed): "
+                 "jax.distributed.initialize() with JAX's cluster detection.")
+    try:
+      jax.distributed.initialize(initialization_timeout=timeout)
+    except Exception as e:  # the runtime raises XlaRuntimeError & co.
+      raise RuntimeError(
+          f"This TPU worker could not join the other hosts of its slice "
+          f"within {timeout}s ({type(e).__name__}: {e}). Start the same "
+          "command on every worker at once (launch/tpu_train.sh uses "
+          "--worker=all), and free the TPU of stale processes first "
+          "(launch/tpu_kill.sh).") from e
+    return True
   coordinator_address = coordinator_address or os.environ.get(
       "JAX_COORDINATOR_ADDRESS")
   if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
@@ -63,20 +172,16 @@ def initialize(coordinator_address: str | None = None,
   if process_id is None and "JAX_PROCESS_ID" in os.environ:
     process_id = int(os.environ["JAX_PROCESS_ID"])
   explicit = [coordinator_address, num_processes, process_id]
-  if force is None:
-    force = any(v is not None for v in explicit) or _on_tpu_pod()
-  if not force:
-    return False
-  if any(v is not None for v in explicit) and any(v is None for v in explicit):
+  if any(v is None for v in explicit):
     raise ValueError(
         "Multi-process runs need all of --coordinator_address, "
         "--num_processes and --process_id (got "
         f"coordinator_address={coordinator_address}, "
         f"num_processes={num_processes}, process_id={process_id}).")
-  if num_processes is not None and not 0 <= process_id < num_processes:
+  if not 0 <= process_id < num_processes:
     raise ValueError(f"--process_id={process_id} must be in "
                      f"[0, {num_processes}).")
-  if coordinator_address is not None and num_processes > 1:
+  if num_processes > 1:
     rendezvous(coordinator_address, num_processes, process_id, timeout)
   logging.info("jax.distributed.initialize(%s, %s, %s)", coordinator_address,
                num_processes, process_id)
@@ -86,10 +191,9 @@ def initialize(coordinator_address: str | None = None,
   except Exception as e:  # the runtime raises XlaRuntimeError & co.
     raise RuntimeError(
         f"Process {process_id} could not join the multi-process run at "
-        f"{coordinator_address or 'the auto-detected coordinator'} within "
-        f"{timeout}s ({type(e).__name__}: {e}). Did you start the same "
-        f"command on all {num_processes or 'pod'} hosts/processes (on TPU "
-        "pods: --worker=all), with the same --coordinator_address and "
+        f"{coordinator_address} within {timeout}s ({type(e).__name__}: {e})."
+        f" Did you start the same command on all {num_processes} "
+        "hosts/processes, with the same --coordinator_address and "
         "--num_processes, and is the coordinator's port reachable?") from e
   return True
 

@@ -10,7 +10,16 @@ Multi-process: on Cloud TPU pods every worker runs the same command and JAX
 finds its peers itself; on GPU clusters pass --coordinator_address,
 --num_processes and --process_id (or set the JAX_COORDINATOR_ADDRESS /
 JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables).
+
+--workdir may be a local folder or gs://BUCKET/DIR (checkpoints, metrics,
+TensorBoard, config and summary all go there).
+
+Exit status: 0 when the run is complete; 143 (`train.PREEMPTED_EXIT_CODE`)
+when a SIGTERM (preemption notice) stopped it after saving a checkpoint —
+rerun the same command to resume; 1 on errors.
 """
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -19,6 +28,7 @@ from ml_collections import config_flags
 
 from bayesncl_jax import cli
 from bayesncl_jax import distributed
+from bayesncl_jax import paths
 from bayesncl_jax import train
 
 FLAGS = flags.FLAGS
@@ -43,11 +53,19 @@ def main(argv):
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  summary = train.train_and_evaluate(
-      FLAGS.config, FLAGS.workdir,
-      kill_after_step=FLAGS.debug_kill_after_step)
+  try:
+    summary = train.train_and_evaluate(
+        FLAGS.config, FLAGS.workdir,
+        kill_after_step=FLAGS.debug_kill_after_step)
+  except paths.PathError as e:  # a bad --workdir / data_dir: no traceback.
+    logging.error("%s", e)
+    sys.exit(f"error: {e}")
   if jax.process_index() == 0:
     print(train.format_summary(summary), flush=True)
+  if summary["preempted"]:
+    logging.warning("Preempted at step %d; the checkpoint is saved. Rerun the "
+                    "same command to resume.", summary["step"])
+    sys.exit(train.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

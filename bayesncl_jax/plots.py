@@ -2,8 +2,7 @@
 
 Matplotlib through `Figure` objects with the Agg canvas, never pyplot: no
 display, no global figure state, safe to call from tests and from several
-evaluations in one process. Every figure is written through `etils.epath`,
-so `path` may be local or a gs:// URL.
+evaluations in one process. `path` may be local or gs:// (`paths`).
 """
 from __future__ import annotations
 
@@ -13,18 +12,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from etils import epath
 from matplotlib.figure import Figure
 import numpy as np
 
+from bayesncl_jax import paths
+
 # One colour per method, the same in every figure.
 METHOD_COLORS = {"cl": "#7f7f7f", "ncl": "#1f77b4", "bayesncl": "#d62728"}
-
-
-def save_png(fig: Figure, path, dpi: int = 100) -> None:
-  """Writes fig as a PNG to path (str or epath.Path, local or gs://)."""
-  with epath.Path(path).open("wb") as f:
-    fig.savefig(f, format="png", dpi=dpi)
 
 
 def _image_for_display(image: np.ndarray) -> tuple[np.ndarray, str | None]:
@@ -69,7 +63,7 @@ def top_activation_grid(images: np.ndarray, labels: np.ndarray,
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  save_png(fig, path)
+  paths.save_figure(fig, path, dpi=100)
 
 
 def active_dims_histogram(counts: np.ndarray, feature_dim: int, path,
@@ -89,7 +83,7 @@ def active_dims_histogram(counts: np.ndarray, feature_dim: int, path,
   if title:
     ax.set_title(title, fontsize=10)
   fig.tight_layout()
-  save_png(fig, path)
+  paths.save_figure(fig, path, dpi=100)
 
 
 def _plot_selection(ax, curves: Mapping[str, Sequence[Mapping[str, float]]],
@@ -124,7 +118,7 @@ def selection_curve(curves: Mapping[str, Sequence[Mapping[str, float]]],
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  save_png(fig, path)
+  paths.save_figure(fig, path, dpi=100)
 
 
 def _mosaic(images: np.ndarray, pad: int = 2) -> np.ndarray:
@@ -196,4 +190,4 @@ def comparison_figure(reports: Mapping[str, Mapping[str, float]],
   if title:
     fig.suptitle(title, fontsize=11)
   fig.tight_layout()
-  save_png(fig, path)
+  paths.save_figure(fig, path, dpi=100)

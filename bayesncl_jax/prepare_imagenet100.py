@@ -10,6 +10,13 @@ Input: `SRC/train/<wnid>/*.JPEG` and `SRC/val/<wnid>/*.JPEG` with exactly the
 `imagenet100.json` is written last, so its presence means a finished
 conversion; training then reads OUT with `--config.dataset.data_dir=OUT`.
 
+OUT may be a bucket (`--out=gs://BUCKET/imagenet100`): ArrayRecord cannot
+write to gs://, so each shard is written to a local staging folder
+(`--staging_dir`, default a temporary folder), uploaded as soon as it is
+complete and deleted locally; at most one shard (~1 GB) is on the local
+disk at a time. Every TPU worker then reads the shards from the bucket.
+SRC is a local folder.
+
 Usage::
 
   python -m bayesncl_jax.prepare_imagenet100 --src=/data/imagenet100 \
@@ -29,6 +36,7 @@ import concurrent.futures
 import io
 import json
 import os
+import tempfile
 import time
 
 from absl import app
@@ -39,6 +47,7 @@ import numpy as np
 from PIL import Image
 
 from bayesncl_jax import datasets
+from bayesncl_jax import paths
 
 _IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 SPLITS = ("train", "val")
@@ -105,10 +114,24 @@ def _encode_item(args: tuple[str, int, int, int]) -> bytes:
       label, encode_image(path, resize_shorter, jpeg_quality))
 
 
+def _publish(stage: str, out: str, name: str) -> None:
+  """Moves the finished shard `name` from the staging folder to gs:// OUT."""
+  if stage == out:
+    return
+  paths.upload_dir(stage, out, [name])
+  os.remove(os.path.join(stage, name))
+
+
 def write_split(items: list[tuple[str, int]], out: str, split: str, *,
                 resize_shorter: int, jpeg_quality: int,
-                examples_per_shard: int, num_workers: int) -> list[str]:
-  """Writes `items` as ArrayRecord shards; returns the shard file names."""
+                examples_per_shard: int, num_workers: int,
+                stage: str | None = None) -> list[str]:
+  """Writes `items` as ArrayRecord shards; returns the shard file names.
+
+  Shards are written in `stage` (default: `out`, which must then be local)
+  and moved to `out` one by one.
+  """
+  stage = stage or out
   num_shards = max(1, -(-len(items) // examples_per_shard))
   names = [f"{split}.array_record-{k:05d}-of-{num_shards:05d}"
            for k in range(num_shards)]
@@ -125,15 +148,18 @@ def write_split(items: list[tuple[str, int]], out: str, split: str, *,
       if i % examples_per_shard == 0:
         if writer is not None:
           writer.close()
+          _publish(stage, out, names[i // examples_per_shard - 1])
         # group_size:1 = one record per chunk: fastest random access.
         writer = ArrayRecordWriter(
-            os.path.join(out, names[i // examples_per_shard]), "group_size:1")
+            os.path.join(stage, names[i // examples_per_shard]),
+            "group_size:1")
       writer.write(record)
       if (i + 1) % 10000 == 0:
         logging.info("%s: %d / %d images (%.0f/s)", split, i + 1, len(items),
                      (i + 1) / (time.time() - start))
     if writer is not None:
       writer.close()
+      _publish(stage, out, names[-1])
   finally:
     if executor is not None:
       executor.shutdown()
@@ -143,20 +169,45 @@ def write_split(items: list[tuple[str, int]], out: str, split: str, *,
 def convert(src: str, out: str, *, classes: list[str] | None = None,
             resize_shorter: int = 0, jpeg_quality: int = 95,
             examples_per_shard: int = 10000, num_workers: int = 1,
-            seed: int = 0) -> dict:
-  """Converts `src` into ArrayRecord shards + metadata in `out`.
+            seed: int = 0, staging_dir: str | None = None) -> dict:
+  """Converts `src` into ArrayRecord shards + metadata in `out` (local or
+  gs://; see the module docstring for `staging_dir`).
 
   Returns:
     The metadata dict written to `out/imagenet100.json`.
   """
+  if paths.is_remote(src):
+    raise ValueError(f"--src={src}: the source folder must be local (ArrayRecord"
+                     " conversion reads ~130k files). Copy it first, e.g. "
+                     f"gcloud storage cp -r {src} /data/, or mount it.")
   classes = list(classes or datasets.imagenet100_classes())
   # Validate both splits before writing anything.
   split_items = {split: list_split(src, split, classes) for split in SPLITS}
-  os.makedirs(out, exist_ok=True)
-  meta_path = os.path.join(out, datasets.IMAGENET100_METADATA)
-  if os.path.exists(meta_path):
+  out = paths.ensure_dir(out)
+  meta_path = paths.join(out, datasets.IMAGENET100_METADATA)
+  if paths.exists(meta_path):
     # A stale metadata file would make a half-rewritten folder look complete.
-    os.remove(meta_path)
+    paths.as_path(meta_path).unlink()
+  if paths.is_remote(out):
+    if staging_dir:
+      os.makedirs(staging_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=staging_dir or None,
+                                     prefix="imagenet100_") as stage:
+      return _convert_splits(src, out, stage, classes, split_items,
+                             meta_path, resize_shorter=resize_shorter,
+                             jpeg_quality=jpeg_quality,
+                             examples_per_shard=examples_per_shard,
+                             num_workers=num_workers, seed=seed)
+  return _convert_splits(src, out, out, classes, split_items, meta_path,
+                         resize_shorter=resize_shorter,
+                         jpeg_quality=jpeg_quality,
+                         examples_per_shard=examples_per_shard,
+                         num_workers=num_workers, seed=seed)
+
+
+def _convert_splits(src, out, stage, classes, split_items, meta_path, *,
+                    resize_shorter, jpeg_quality, examples_per_shard,
+                    num_workers, seed) -> dict:
   meta = {"format": datasets.IMAGENET100_FORMAT, "classes": classes,
           "resize_shorter": int(resize_shorter), "source": os.path.abspath(src),
           "record": "b'BNC1' + uint32 little-endian label + JPEG bytes",
@@ -170,15 +221,12 @@ def convert(src: str, out: str, *, classes: list[str] | None = None,
     files = write_split(items, out, split, resize_shorter=resize_shorter,
                         jpeg_quality=jpeg_quality,
                         examples_per_shard=examples_per_shard,
-                        num_workers=num_workers)
+                        num_workers=num_workers, stage=stage)
     counts = np.bincount([label for _, label in items],
                          minlength=len(classes))
     meta["splits"][split] = {"num_examples": len(items), "files": files,
                              "per_class": counts.tolist()}
-  tmp = meta_path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(meta, f, indent=1)
-  os.replace(tmp, meta_path)
+  paths.write_json(meta_path, meta, indent=1)
   logging.info("Wrote %s. Train with --config.dataset.data_dir=%s", meta_path,
                out)
   return meta
@@ -189,8 +237,11 @@ def _define_flags() -> None:
   module (tests do) adds nothing to the process-wide FLAGS."""
   flags.DEFINE_string("src", None, "ImageNet-100 folder with train/ and val/ "
                       "sub-folders of <wnid>/ image folders.")
-  flags.DEFINE_string("out", None, "Output folder (becomes "
-                      "config.dataset.data_dir).")
+  flags.DEFINE_string("out", None, "Output folder, local or gs://BUCKET/DIR "
+                      "(becomes config.dataset.data_dir).")
+  flags.DEFINE_string("staging_dir", "", "With a gs:// --out: local folder "
+                      "for the shard being written (default: a temporary "
+                      "folder); needs ~1 GB free.")
   flags.DEFINE_integer("resize_shorter", 0, "If > 0, shrink images whose "
                        "shorter side is larger to this size (bicubic) and "
                        "re-encode them as JPEG.")
@@ -214,7 +265,8 @@ def main(argv):
                  resize_shorter=f.resize_shorter,
                  jpeg_quality=f.jpeg_quality,
                  examples_per_shard=f.examples_per_shard,
-                 num_workers=f.num_workers, seed=f.seed)
+                 num_workers=f.num_workers, seed=f.seed,
+                 staging_dir=f.staging_dir or None)
   print(json.dumps({k: v["num_examples"] for k, v in meta["splits"].items()}))
 
 

@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from bayesncl_jax import augment
 from bayesncl_jax import input_pipeline
+from bayesncl_jax import paths
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -65,7 +66,7 @@ def draw(view1, view2, path: str):
   fig.suptitle("Two augmented views per image (pairs in the same column)",
                fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  paths.save_figure(fig, path, dpi=120)
   plt.close(fig)
 
 

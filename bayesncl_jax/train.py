@@ -32,6 +32,7 @@ from bayesncl_jax import input_pipeline
 from bayesncl_jax import losses
 from bayesncl_jax import models
 from bayesncl_jax import optim
+from bayesncl_jax import paths
 from bayesncl_jax import sharding
 
 
@@ -178,7 +179,7 @@ def checkpoint_manager(workdir, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_ckpts, create=True,
       enable_async_checkpointing=True)
-  return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints",
+  return ocp.CheckpointManager(paths.as_path(workdir) / "checkpoints",
                                options=options,
                                item_names=("state", "data"))
 
@@ -233,16 +234,18 @@ def restore_checkpoint(mngr, setup: Setup, data_iter, step=None,
 # Metrics output.
 # ----------------------------------------------------------------------------
 class MetricWriter:
-  """metrics.jsonl + TensorBoard event files, from process 0 only."""
+  """metrics.jsonl + TensorBoard event files, from process 0 only.
+
+  Local or gs:// (`paths`): on a bucket both are rewritten at each flush.
+  """
 
   def __init__(self, workdir):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    paths.ensure_dir(workdir)
+    self._jsonl = paths.Appender(paths.join(workdir, "metrics.jsonl"))
+    self._tb = paths.tensorboard_writer(paths.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: dict[str, float]):
     if not self.enabled:
@@ -279,19 +282,18 @@ def _check_finite(pending, first_step: int):
 
 def save_config(workdir, config):
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    paths.ensure_dir(workdir)
+    paths.write_text(paths.join(workdir, "config.json"),
+                     config.to_json_best_effort(indent=2))
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:
-  """The config a run in `workdir` was trained with."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  """The config a run in `workdir` (local or gs://) was trained with."""
+  path = paths.join(workdir, "config.json")
+  if not paths.exists(path):
     raise FileNotFoundError(f"No config.json in {workdir}: is it the workdir "
                             "of a bayesncl_jax.main run?")
-  with open(path) as f:
-    return config_lib.from_dict(json.load(f))
+  return config_lib.from_dict(paths.read_json(path))
 
 
 # ----------------------------------------------------------------------------
@@ -348,14 +350,36 @@ def online_eval(setup: Setup, state: TrainState, batch_size: int = 512
 # ----------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps."""
+# Exit status of a run stopped by a preemption notice (SIGTERM) after saving
+# its checkpoint: 128 + SIGTERM, the status shells report for a job ended by
+# SIGTERM, so `main && evaluate` does not evaluate an unfinished run and a
+# scheduler sees that the job did not complete. Rerunning resumes it.
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143
 
-  def __init__(self):
+
+class _Preemption:
+  """A preemption notice (SIGTERM), as a step at which to save and stop.
+
+  One process: a Python SIGTERM handler sets a flag the loop checks after
+  every step. Several processes (a pod): a host that gets SIGTERM must not
+  stop alone — the checkpoint is a collective save, and the other hosts
+  would wait for it forever. JAX's preemption service (started by
+  `jax.distributed.initialize`, it catches SIGTERM itself) tells every
+  process the same step, the one after the furthest any of them has reached,
+  through `reached_preemption_sync_point`, which Orbax's
+  `CheckpointManager.reached_preemption` calls; no Python handler is
+  installed then, since it would replace the service's.
+  """
+
+  def __init__(self, mngr):
+    self._mngr = mngr
+    self._multi = jax.process_count() > 1
     self.requested = False
     self._previous = None
 
   def __enter__(self):
+    if self._multi:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread: preemption handling is off.
@@ -366,6 +390,17 @@ class _Preemption:
     del signum, frame
     logging.warning("SIGTERM received: saving a checkpoint and exiting.")
     self.requested = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step`; call it after every step."""
+    if not self._multi:
+      return self.requested
+    if self._mngr.reached_preemption(step):
+      logging.warning("Preemption notice (SIGTERM) on the pod: all %d "
+                      "processes save step %d and exit.",
+                      jax.process_count(), step)
+      self.requested = True
+    return self.requested
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -392,7 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   setup = build(config, mesh)
   mesh = setup.mesh
-  workdir = os.fspath(workdir)
+  workdir = paths.ensure_dir(workdir)
   mngr = checkpoint_manager(workdir, config)
   data_iter = input_pipeline.create_pretrain_iterator(config)
   rng = jax.random.key(config.seed)
@@ -416,7 +451,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   t_start = t_log = time.time()
   preempted = False
   try:
-    with _Preemption() as preemption:
+    with _Preemption(mngr) as preemption:
       for step in range(start, total):
         batch = sharding.make_global_batch(next(data_iter), mesh)
         state, metrics = train_step(state, batch, rng_train)
@@ -424,7 +459,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         done = step + 1
         log_now = done % config.log_every == 0 or done == total
         ckpt_now = done % config.ckpt_every == 0 or done == total
-        preempted = preemption.requested
+        preempted = preemption.reached(done)
         if log_now or ckpt_now or preempted:
           _check_finite(pending, pending_start)
           now = time.time()
@@ -464,8 +499,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   del data_iter
   mngr.close()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    paths.write_json(paths.join(workdir, "summary.json"), summary)
   return summary
 
 
@@ -489,6 +523,6 @@ def format_summary(summary: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-__all__ = ["TrainState", "build", "init_state", "make_train_step",
+__all__ = ["PREEMPTED_EXIT_CODE", "TrainState", "build", "init_state", "make_train_step",
            "train_and_evaluate", "restore_checkpoint", "load_config",
            "NonFiniteLossError", "CheckpointError"]

@@ -170,3 +170,42 @@ tpu_ssh_all() {
   DEFAULT_VENV='~/bayesncl_venv'
   DEFAULT_LOG_DIR='~/bayesncl_logs'
 }
+
+# queued_state: the state of the queued resource NAME (ACTIVE, PROVISIONING,
+# WAITING_FOR_RESOURCES, SUSPENDED, FAILED, ...), or NOT_FOUND.
+queued_state() {
+  tpu_scope_flags
+  gcloud compute tpus queued-resources describe "$NAME" "${TPU_SCOPE[@]}" \
+    --format='value(state.state)' 2>/dev/null || echo NOT_FOUND
+}
+
+# wait_queued_active TIMEOUT POLL: wait until the queued resource NAME is
+# ACTIVE (its TPU VM exists and can be set up); die if it FAILED, was
+# SUSPENDED or TIMEOUT seconds pass (0: no limit). Under --dry-run the state
+# query is printed once, as it would be polled every POLL seconds.
+wait_queued_active() {
+  local timeout=$1 poll=$2 start=$SECONDS state
+  tpu_scope_flags
+  if [[ $DRY_RUN == 1 ]]; then
+    printf '+ %s\n' "$(shq gcloud compute tpus queued-resources describe \
+      "$NAME" "${TPU_SCOPE[@]}" --format='value(state.state)')"
+    return 0
+  fi
+  while :; do
+    state=$(queued_state)
+    case $state in
+      ACTIVE)
+        printf '%s: queued resource %s is ACTIVE\n' "$SCRIPT_NAME" "$NAME" >&2
+        return 0
+        ;;
+      FAILED | SUSPENDED | SUSPENDING | NOT_FOUND)
+        die "queued resource $NAME is $state: see gcloud compute tpus queued-resources describe $NAME ${TPU_SCOPE[*]}"
+        ;;
+    esac
+    if ((timeout > 0 && SECONDS - start >= timeout)); then
+      die "queued resource $NAME still $state after ${timeout}s"
+    fi
+    printf '%s: queued resource %s is %s; waiting %ss\n' "$SCRIPT_NAME" "$NAME" "$state" "$poll" >&2
+    sleep "$poll"
+  done
+}

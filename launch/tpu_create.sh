@@ -9,7 +9,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 usage() {
   cat <<EOF
 Usage: $SCRIPT_NAME --name=NAME --zone=ZONE --accelerator_type=TYPE --version=RUNTIME
-         [--project=PROJECT] [--spot | --preemptible] [--queued] [--dry-run]
+         [--project=PROJECT] [--spot | --preemptible] [--queued [--no_wait]
+         [--wait_timeout=0] [--poll_seconds=30]] [--dry-run]
 
 Create a TPU VM (single host or pod slice).
 
@@ -22,15 +23,22 @@ Create a TPU VM (single host or pod slice).
   --spot              Spot VM: cheaper, can be reclaimed at any time
   --preemptible       legacy preemptible VM (not with --queued; use --spot)
   --queued            ask through queued resources (waits for capacity):
-                      gcloud compute tpus queued-resources create
+                      gcloud compute tpus queued-resources create, then poll
+                      its state until ACTIVE (the TPU VM then exists and
+                      tpu_setup.sh can run); fails if it FAILED or was
+                      SUSPENDED
+  --no_wait           with --queued: return right after the request
+  --wait_timeout      with --queued: give up after this many seconds
+                      (default 0: wait as long as it takes)
+  --poll_seconds      with --queued: seconds between state queries (30)
   --dry-run           print the gcloud command instead of running it
 EOF
 }
 
 NAME="" ZONE="" ACCELERATOR_TYPE="" VERSION="" PROJECT=""
-SPOT=0 PREEMPTIBLE=0 QUEUED=0
-parse_flags "name zone accelerator_type version project" \
-  "spot preemptible queued" "$@"
+SPOT=0 PREEMPTIBLE=0 QUEUED=0 NO_WAIT=0 WAIT_TIMEOUT=0 POLL_SECONDS=30
+parse_flags "name zone accelerator_type version project wait_timeout poll_seconds" \
+  "spot preemptible queued no_wait" "$@"
 require_flags name zone accelerator_type version
 [[ $ACCELERATOR_TYPE =~ ^v[0-9][a-z0-9]*-[0-9]+$ ]] ||
   die "--accelerator_type=$ACCELERATOR_TYPE is not of the form v4-8, v5litepod-16, v5p-32, v6e-8"
@@ -38,6 +46,8 @@ require_flags name zone accelerator_type version
   die "--spot and --preemptible are exclusive: pick one"
 [[ $QUEUED == 0 || $PREEMPTIBLE == 0 ]] ||
   die "--preemptible does not exist for queued resources: use --spot"
+[[ $WAIT_TIMEOUT =~ ^[0-9]+$ ]] || die "--wait_timeout=$WAIT_TIMEOUT: expected seconds"
+[[ $POLL_SECONDS =~ ^[1-9][0-9]*$ ]] || die "--poll_seconds=$POLL_SECONDS: expected seconds > 0"
 require_cmd gcloud
 tpu_scope_flags
 
@@ -52,3 +62,6 @@ fi
 [[ $SPOT == 0 ]] || cmd+=(--spot)
 [[ $PREEMPTIBLE == 0 ]] || cmd+=(--preemptible)
 run "${cmd[@]}"
+if [[ $QUEUED == 1 && $NO_WAIT == 0 ]]; then
+  wait_queued_active "$WAIT_TIMEOUT" "$POLL_SECONDS"
+fi

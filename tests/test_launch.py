@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import time
 import types
+import uuid
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,13 @@ VALID = {
     "tpu_train.sh": TRAIN,
     "tpu_kill.sh": TPU,
     "tpu_delete.sh": TPU,
+    "tpu_recover.sh": TPU + ["--accelerator_type=v4-32",
+                             "--version=tpu-ubuntu2204-base",
+                             "--repo=https://github.com/org/bayesncl_jax.git",
+                             "--config=configs/cifar10.py:method=ncl",
+                             "--workdir=gs://bucket/runs/ncl"],
     "gpu_train.sh": ["--config=configs/cifar10.py", "--workdir=/tmp/w"],
+    "gpu_setup.sh": ["--venv=/tmp/bayesncl_test_venv"],
 }
 REQUIRED = {
     "tpu_create.sh": ["name", "zone", "accelerator_type", "version"],
@@ -48,8 +55,13 @@ REQUIRED = {
     "tpu_train.sh": ["name", "zone", "config", "workdir"],
     "tpu_kill.sh": ["name", "zone"],
     "tpu_delete.sh": ["name", "zone"],
+    "tpu_recover.sh": ["name", "zone", "accelerator_type", "version", "repo",
+                       "config", "workdir"],
     "gpu_train.sh": ["config", "workdir"],
+    "gpu_setup.sh": [],
 }
+# Scripts that run more than one command (not a single gcloud call).
+MULTI = ("tpu_recover.sh", "gpu_setup.sh", "gpu_train.sh")
 
 
 def sh(script, *args, env=None, check=None):
@@ -110,6 +122,11 @@ RECORDER = "#!/bin/sh\n{ printf '%s\\037' \"$FAKE_PROG\" \"$(pwd)\" " + " ".join
 """
 
 
+SANDBOX_TOOLS = ("bash", "sh", "dirname", "basename", "tr", "mkdir", "cat",
+                 "chmod", "rm", "sleep", "nohup", "env", "sed", "head", "ls",
+                 "touch", "grep", "pkill", "pgrep", "printf")
+
+
 @pytest.fixture
 def fake(tmp_path):
   """A sandbox: fake bin/ first on PATH, HOME in tmp, calls recorded."""
@@ -122,7 +139,8 @@ def fake(tmp_path):
     """Source of a program PROG that records its call, then runs THEN."""
     return f'#!/bin/sh\nFAKE_PROG={prog} "{recorder}" "$@" >/dev/null\n{then}'
 
-  write_exe(bin_dir / "sudo", record("sudo"))  # never runs anything.
+  # sudo runs nothing; `sudo pgrep` finds no job.
+  write_exe(bin_dir / "sudo", record("sudo", '[ "$1" != pgrep ] || exit 1\n'))
   write_exe(bin_dir / "pgrep", record("pgrep", "exit 1\n"))  # no job left.
   # gcloud: records, then runs an ssh --command with sh, like one worker.
   write_exe(bin_dir / "gcloud", record("gcloud", """
@@ -133,8 +151,14 @@ done
   # tmux new-session -d -s NAME CMD: runs CMD with sh, in the foreground.
   write_exe(bin_dir / "tmux", record("tmux", 'eval "exec sh -c \\"\\${$#}\\""\n'))
   write_exe(bin_dir / "hostname", "#!/bin/sh\necho t1v-n-test-w-0\n")
+  # Only the fakes and these tools on PATH: no real python3.1x, gcloud, ...
+  tools = tmp_path / "tools"
+  tools.mkdir()
+  for tool in SANDBOX_TOOLS:
+    if shutil.which(tool):
+      (tools / tool).symlink_to(shutil.which(tool))
   env = dict(os.environ, HOME=str(home), FAKE_CALLS=str(calls),
-             PATH=f"{bin_dir}:{os.environ['PATH']}")
+             PATH=f"{bin_dir}:{tools}")
 
   f = types.SimpleNamespace()
   f.bin, f.home, f.env, f.tmp, f.record = bin_dir, home, env, tmp_path, record
@@ -183,7 +207,7 @@ def test_help_prints_usage(script):
   assert sh(script, "-h", check=0).stdout == proc.stdout
 
 
-@pytest.mark.parametrize("script", ENTRY_POINTS)
+@pytest.mark.parametrize("script", [s for s in ENTRY_POINTS if REQUIRED[s]])
 def test_missing_required_flags_are_named(script):
   for flag in REQUIRED[script]:
     args = [a for a in VALID[script] if not a.startswith(f"--{flag}=")]
@@ -202,11 +226,12 @@ def test_unknown_flags_and_bad_syntax_fail(script):
   assert "unknown flag: --frob" in fails(script, *good, "--frob")
   assert "unexpected argument: 'stray'" in fails(script, *good, "stray")
   # --flag value (space) instead of --flag=value.
-  flag = "workdir" if script == "gpu_train.sh" else "zone"
+  flag = {"gpu_train.sh": "workdir", "gpu_setup.sh": "venv"}.get(script,
+                                                                 "zone")
   assert f"--{flag} needs a value" in fails(script, *good, f"--{flag}",
                                             "somewhere")
   assert "--dry_run is a switch" in fails(script, *good, "--dry-run=yes")
-  if script not in ("tpu_train.sh", "gpu_train.sh"):
+  if script not in ("tpu_train.sh", "gpu_train.sh", "tpu_recover.sh"):
     assert "unknown flag: --config.x" in fails(script, *good, "--config.x=1")
 
 
@@ -235,13 +260,49 @@ def test_tpu_create_spot_preemptible_project(kind):
   assert argv[-1] == f"--{kind}" and "--project=my-proj" in argv
 
 
+QUEUED = ["gcloud", "compute", "tpus", "queued-resources", "create", "pod",
+          "--node-id=pod", "--zone=us-central2-b",
+          "--accelerator-type=v5litepod-16",
+          "--runtime-version=v2-alpha-tpuv5-lite", "--spot"]
+DESCRIBE_QUEUED = ["gcloud", "compute", "tpus", "queued-resources",
+                   "describe", "pod", "--zone=us-central2-b",
+                   "--format=value(state.state)"]
+
+
 def test_tpu_create_queued():
-  [argv] = dry("tpu_create.sh", *TPU, "--accelerator_type=v5litepod-16",
-               "--version=v2-alpha-tpuv5-lite", "--queued", "--spot")
-  assert argv == ["gcloud", "compute", "tpus", "queued-resources", "create",
-                  "pod", "--node-id=pod", "--zone=us-central2-b",
-                  "--accelerator-type=v5litepod-16",
-                  "--runtime-version=v2-alpha-tpuv5-lite", "--spot"]
+  args = [*TPU, "--accelerator_type=v5litepod-16",
+          "--version=v2-alpha-tpuv5-lite", "--queued", "--spot"]
+  # The request, then the state query it polls until ACTIVE.
+  assert dry("tpu_create.sh", *args) == [QUEUED, DESCRIBE_QUEUED]
+  assert dry("tpu_create.sh", *args, "--no_wait") == [QUEUED]
+
+
+def _fake_queued_gcloud(fake, states):
+  """gcloud that answers `queued-resources describe` with STATES in turn."""
+  (fake.tmp / "states").write_text("\n".join(states) + "\n")
+  write_exe(fake.bin / "gcloud", fake.record("gcloud", f"""
+case "$*" in *"queued-resources describe"*)
+  head -n 1 "{fake.tmp}/states"; sed -i 1d "{fake.tmp}/states" ;;
+esac
+"""))
+
+
+@pytest.mark.parametrize("states, code, said", [
+    (["WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"], 0, "is ACTIVE"),
+    (["PROVISIONING", "FAILED"], 2, "is FAILED"),
+    (["WAITING_FOR_RESOURCES"] * 9, 2, "still WAITING_FOR_RESOURCES after")])
+def test_tpu_create_queued_waits_for_active(fake, states, code, said):
+  _fake_queued_gcloud(fake, states)
+  proc = sh("tpu_create.sh", *TPU, "--accelerator_type=v4-32", "--version=v",
+            "--queued", "--poll_seconds=1", "--wait_timeout=2", env=fake.env)
+  assert proc.returncode == code, proc.stderr
+  assert said in proc.stderr
+  calls = [c["argv"][:4] for c in fake.calls("gcloud")]
+  assert calls[0] == ["compute", "tpus", "queued-resources", "create"]
+  assert all(c == ["compute", "tpus", "queued-resources", "describe"]
+             for c in calls[1:])
+  if code == 0:
+    assert len(calls) == 1 + len(states)
 
 
 def test_tpu_create_rejects_bad_combinations():
@@ -273,7 +334,7 @@ def test_tpu_setup_command():
   cmd = remote_command(argv)
   assert "git clone -q --branch dev git@github.com:o/r.git" in cmd
   assert "merge -q --ff-only FETCH_HEAD" in cmd
-  assert "python3 -m venv" in cmd
+  assert "$PY -m venv" in cmd and "for c in python3.13 python3.12 python3.11 python3;" in cmd
   assert "pip install -q -r \"$HOME\"/bayesncl_jax/requirements.txt" in cmd
   assert "pip install -q --no-deps -e \"$HOME\"/bayesncl_jax" in cmd
   # The TPU jax pin is installed last, after the generic requirements.
@@ -292,24 +353,44 @@ def test_tpu_setup_validates_python_and_version():
                                       "--jax_version=x y")
 
 
-def _setup_fakes(fake, have_ensurepip=True):
-  """System python3 and git for the setup script, recording their calls."""
-  venv_python = fake.record("python", 'echo "fake python ran"\n')
-  write_exe(fake.bin / "python3", fake.record("python3") + f"""
+def fake_python(fake, path, version, name="python", venv_python=None):
+  """A fake interpreter reporting Python `version` (a (3, N) tuple); `-m
+  venv DIR` makes DIR/bin/python, a fake "python" of the same version."""
+  major, minor = version
+  if venv_python is None and name != "python":
+    venv_python = fake.tmp / f"venv_python_{major}{minor}"
+    fake_python(fake, venv_python, version)
+  source = f'"{venv_python}"' if venv_python else '"$0"'
+  write_exe(path, fake.record(name) + f"""
 case "$1 $2" in
-  "-c import ensurepip") exit {0 if have_ensurepip else 1} ;;
-  "-m venv") mkdir -p "$3/bin" && cat > "$3/bin/python" <<'EOF'
-{venv_python}EOF
-chmod +x "$3/bin/python" ;;
+  *"sys.version_info < (3, 11)"*) exit {0 if version >= (3, 11) else 1} ;;
+  *"sys.version_info[:2]"*) echo "({major}, {minor})" ;;
+  "-c import ensurepip") exit ${{FAKE_ENSUREPIP:-0}} ;;
+  "-m venv") mkdir -p "$3/bin" && cp {source} "$3/bin/python" ;;
+  "-c import sys, jax"*) echo "fake python ran" ;;
 esac
 """)
+
+
+def _setup_fakes(fake, have_ensurepip=True, python3=(3, 11)):
+  """System python3 and git for the setup script, recording their calls."""
+  fake_python(fake, fake.bin / "python3", python3, name="python3")
+  fake.env["FAKE_ENSUREPIP"] = "0" if have_ensurepip else "1"
   write_exe(fake.bin / "git", fake.record("git", """
 if [ "$1" = clone ]; then eval "dir=\\${$#}"; mkdir -p "$dir/.git"; fi
 """))
+  for tool in ("cp", "cut"):
+    if not (fake.bin / tool).exists():
+      (fake.bin / tool).symlink_to(shutil.which(tool))
 
 
 def _progs(calls):
   return [(c["prog"], c["argv"][:2]) for c in calls]
+
+
+def _pips(fake):
+  return [c["argv"] for c in fake.calls("python") if c["argv"][:2] ==
+          ["-m", "pip"]]
 
 
 def test_tpu_setup_runs_on_a_worker_and_is_idempotent(fake):
@@ -321,11 +402,9 @@ def test_tpu_setup_runs_on_a_worker_and_is_idempotent(fake):
   assert _progs(calls)[0] == ("gcloud", ["compute", "tpus"])
   assert ("python3", ["-m", "venv"]) in _progs(calls)
   assert ("git", ["clone", "-q"]) in _progs(calls)
-  assert not fake.calls("sudo")  # git, tmux and ensurepip were there
-  pips = [c["argv"] for c in fake.calls("python") if c["argv"][:2] ==
-          ["-m", "pip"]]
+  assert not fake.calls("sudo")  # python >= 3.11, git, tmux, ensurepip there
   home = str(fake.home)
-  assert pips == [
+  assert _pips(fake) == [
       ["-m", "pip", "install", "-q", "-U", "pip"],
       ["-m", "pip", "install", "-q", "-r", f"{home}/bayesncl_jax/requirements.txt"],
       ["-m", "pip", "install", "-q", "--no-deps", "-e", f"{home}/bayesncl_jax"],
@@ -333,9 +412,10 @@ def test_tpu_setup_runs_on_a_worker_and_is_idempotent(fake):
   assert (fake.home / "bayesncl_venv/bin/python").exists()
 
   (fake.tmp / "calls.log").unlink()
-  sh("tpu_setup.sh", *args, env=fake.env, check=0)
+  second = sh("tpu_setup.sh", *args, env=fake.env, check=0)
   progs = _progs(fake.calls())
   assert ("python3", ["-m", "venv"]) not in progs  # venv kept
+  assert "rebuilding" not in second.stdout
   assert ("git", ["clone", "-q"]) not in progs     # checkout updated instead
   git = [c["argv"] for c in fake.calls("git")]
   assert git == [["-C", f"{home}/bayesncl_jax", "fetch", "-q", "origin", "dev"],
@@ -346,10 +426,65 @@ def test_tpu_setup_runs_on_a_worker_and_is_idempotent(fake):
 
 def test_tpu_setup_installs_missing_system_packages(fake):
   _setup_fakes(fake, have_ensurepip=False)
-  sh("tpu_setup.sh", *VALID["tpu_setup.sh"], "--python=python3", env=fake.env,
-     check=0)
+  sh("tpu_setup.sh", *VALID["tpu_setup.sh"], env=fake.env, check=0)
   sudo = [c["argv"] for c in fake.calls("sudo")]
   assert sudo[1][-5:] == ["-y", "-qq", "git", "tmux", "python3-venv"]
+
+
+def _apt_sudo(fake):
+  """sudo that 'installs' python3.11 (a fake reporting 3.11) with apt-get;
+  with FAKE_NO_UNIVERSE=1 only after the deadsnakes PPA was added."""
+  fake_python(fake, fake.tmp / "python3.11", (3, 11), name="python3.11")
+  write_exe(fake.bin / "sudo", fake.record("sudo", f"""
+case "$*" in
+  *add-apt-repository*) touch "{fake.tmp}/ppa" ;;
+  *"install -y -qq python3.11 python3.11-venv"*)
+    if [ "${{FAKE_NO_UNIVERSE:-0}}" = 1 ] && [ ! -e "{fake.tmp}/ppa" ]; then
+      exit 100
+    fi
+    cp "{fake.tmp}/python3.11" "{fake.bin}/python3.11" ;;
+esac
+"""))
+
+
+@pytest.mark.parametrize("universe", [True, False])
+def test_tpu_setup_gets_python311_on_a_310_image_and_rebuilds_the_venv(
+    fake, universe):
+  """The TPU images' python3 is 3.10: setup installs python3.11 and
+  replaces the venv an older setup made with 3.10."""
+  _setup_fakes(fake, python3=(3, 10))
+  _apt_sudo(fake)
+  stale = fake.home / "bayesncl_venv" / "bin" / "python"
+  stale.parent.mkdir(parents=True)
+  stale.write_bytes((fake.tmp / "venv_python_310").read_bytes())
+  stale.chmod(0o755)
+  env = {**fake.env, "FAKE_NO_UNIVERSE": "0" if universe else "1"}
+  proc = sh("tpu_setup.sh", *VALID["tpu_setup.sh"], env=env, check=0)
+  assert "t1v-n-test-w-0: rebuilding the venv with python3.11" in proc.stdout
+  sudo = [" ".join(c["argv"]) for c in fake.calls("sudo")]
+  installs = [c for c in sudo if "install -y -qq python3.11" in c]
+  assert len(installs) == (1 if universe else 2)
+  assert any("ppa:deadsnakes/ppa" in c for c in sudo) == (not universe)
+  assert ("python3.11", ["-m", "venv"]) in _progs(fake.calls())
+  assert ("python3", ["-m", "venv"]) not in _progs(fake.calls())
+  # The new venv is the 3.11 one, and it got the packages.
+  version = subprocess.run([str(stale), "-c", "import sys; print("
+                            "sys.version_info[:2])"], env=env,
+                           capture_output=True, text=True).stdout
+  assert version.strip() == "(3, 11)"
+  assert _pips(fake)[-1] == ["-m", "pip", "install", "-q", "-U",
+                             "jax[tpu]==0.10.2"]
+  assert "fake python ran" in proc.stdout
+
+
+def test_tpu_setup_refuses_an_old_explicit_python(fake):
+  _setup_fakes(fake, python3=(3, 10))
+  proc = sh("tpu_setup.sh", *VALID["tpu_setup.sh"], "--python=python3",
+            env=fake.env)
+  assert proc.returncode == 1
+  assert ("t1v-n-test-w-0: error: python3 is missing or older than Python "
+          "3.11") in proc.stderr
+  assert not fake.calls("git")  # stopped before touching anything
 
 
 # ------------------------------------------------------------- tpu_train ----
@@ -453,32 +588,133 @@ def test_tpu_train_logs_a_failed_run_and_skips_eval(fake):
 
 # -------------------------------------------------------------- tpu_kill ----
 
+KILL_PATTERN = ("^([^ ]*/)?bayesncl_venv/bin/python[0-9.]* (-u )?-m "
+                "bayesncl_jax[.](main|evaluate)( |$)")
+
+
 def test_tpu_kill_command(fake):
   argv = only_ssh("tpu_kill.sh", *TPU, "--project=p")
   cmd = remote_command(argv)
   assert "--project=p" in argv
-  pattern = "bayesncl_jax[.](main|evaluate)"
-  assert f'sudo pkill -TERM -f "{pattern}"' in cmd
-  assert f'sudo pkill -KILL -f "{pattern}"' in cmd
+  assert f"sudo pkill -TERM -f '{KILL_PATTERN}'" in cmd
+  assert f"sudo pkill -KILL -f '{KILL_PATTERN}'" in cmd
+  assert "[ $i -lt 300 ]" in cmd  # waits for the checkpoint, then KILL
   assert "sudo fuser -k /dev/accel* /dev/vfio/*" in cmd
   assert "sudo lsof -w /dev/accel* /dev/vfio/*" in cmd
   assert "sudo rm -f /tmp/libtpu_lockfile" in cmd
-  # pkill -f must find the jobs but not the shell running this command.
-  assert re.search(pattern, "python -u -m bayesncl_jax.main --config=c")
-  assert re.search(pattern, "python -u -m bayesncl_jax.evaluate --workdir=w")
-  assert not re.search(pattern, cmd)
+  # Only the job's python process: not the tmux server or the sh -c
+  # wrapper that tpu_train.sh starts (their command lines mention main too),
+  # nor the remote shell running this very command.
+  job = _job(remote_command(only_ssh("tpu_train.sh", *TRAIN)))
+  python = ("/home/u/bayesncl_venv/bin/python -u -m bayesncl_jax.main "
+            "--config=c --workdir=gs://b/r")
+  assert re.search(KILL_PATTERN, python)
+  assert re.search(KILL_PATTERN, python.replace("main", "evaluate"))
+  for other in (f"tmux new-session -d -s bayesncl {job}", f"sh -c {job}",
+                f"bash -c {cmd}", python.replace(".main", ".mainx")):
+    assert not re.search(KILL_PATTERN, other), other
+  assert f"--timeout=x" in fails("tpu_kill.sh", *TPU, "--timeout=x")
   # Executed on a fake worker (sudo only records): every step runs.
   proc = sh("tpu_kill.sh", *TPU, env=fake.env, check=0)
   assert proc.stdout.endswith("t1v-n-test-w-0: TPU free\n")
   sudo = [c["argv"][:3] for c in fake.calls("sudo")]
-  assert sudo == [["pkill", "-TERM", "-f"], ["pkill", "-KILL", "-f"],
-                  ["lsof", "-w", sudo[2][2]], ["fuser", "-k", sudo[3][2]],
+  assert sudo == [["pkill", "-TERM", "-f"], ["pgrep", "-f", KILL_PATTERN],
+                  ["pkill", "-KILL", "-f"], ["lsof", "-w", sudo[3][2]],
+                  ["fuser", "-k", sudo[4][2]],
                   ["rm", "-f", "/tmp/libtpu_lockfile"]]
+
+
+def test_tpu_kill_signals_python_and_waits_for_its_checkpoint(fake):
+  """Real pkill/pgrep on real processes named like the job's: the python
+  process gets SIGTERM and the time to save; the tmux server and the
+  wrapper shell (decoys) are left alone. A unique venv name keeps the
+  pattern off any other process of this machine."""
+  venv = f"venv_{uuid.uuid4().hex[:8]}"
+  job = f"/w/{venv}/bin/python -u -m bayesncl_jax.main --workdir=gs://b/r"
+  saved = fake.tmp / "saved"
+  # The "job": on SIGTERM it takes 2 s to save, then exits 143 like main.
+  script = write_exe(fake.tmp / "job.sh", f"""#!/bin/bash
+trap 'sleep 2; echo step > "{saved}"; exit 143' TERM
+while :; do sleep 0.1; done
+""")
+  procs = [subprocess.Popen(["bash", "-c", f'exec -a "{name}" {cmd}'])
+           for name, cmd in (
+               (job, f"bash {script}"),
+               (f"tmux new-session -d -s bayesncl cd x && {{ {job}; }}",
+                "sleep 60"),
+               (f"sh -c cd x && {{ {job}; }}", "sleep 60"))]
+  try:
+    time.sleep(0.5)  # the trap is set
+    # sudo: run pkill/pgrep for real, record the rest.
+    (fake.bin / "pgrep").unlink()
+    write_exe(fake.bin / "sudo", fake.record(
+        "sudo", 'case $1 in pkill|pgrep) exec "$@" ;; esac\n'))
+    proc = sh("tpu_kill.sh", *TPU, f"--venv=/w/{venv}", "--timeout=30",
+              env=fake.env, check=0)
+    assert "SIGTERM sent, waiting up to 30s" in proc.stdout
+    assert "killed (no checkpoint)" not in proc.stdout
+    assert procs[0].wait(timeout=10) == 143
+    assert saved.read_text() == "step\n"
+    assert procs[1].poll() is None and procs[2].poll() is None
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+# ----------------------------------------------------------- tpu_recover ----
+
+def test_tpu_recover_dry_run_shows_the_whole_sequence():
+  cmds = dry("tpu_recover.sh", *VALID["tpu_recover.sh"], "--spot", *TRICKY)
+  assert [c[:5] for c in cmds] == [
+      ["gcloud", "compute", "tpus", "tpu-vm", "delete"],
+      ["gcloud", "compute", "tpus", "tpu-vm", "create"],
+      ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],   # setup
+      ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]]   # train
+  assert cmds[0][-1] == "--quiet" and cmds[1][-1] == "--spot"
+  assert "-m venv" in remote_command(cmds[2])
+  job = _job(remote_command(cmds[3]))
+  assert shlex.split(job[job.index("{ ") + 2:job.index("; }")])[4:] == [
+      "--config=configs/cifar10.py:method=ncl",
+      "--workdir=gs://bucket/runs/ncl", *TRICKY]
+  queued = dry("tpu_recover.sh", *VALID["tpu_recover.sh"], "--queued",
+               "--spot")
+  assert [c[3:5] for c in queued[:3]] == [["queued-resources", "delete"],
+                                          ["queued-resources", "create"],
+                                          ["queued-resources", "describe"]]
+  assert "gs://" in fails("tpu_recover.sh", *[
+      a for a in VALID["tpu_recover.sh"] if not a.startswith("--workdir")],
+      "--workdir=/local/run")
+
+
+@pytest.mark.parametrize("state, recreated", [("PREEMPTED", True),
+                                              ("READY", False)])
+def test_tpu_recover_recreates_only_a_lost_vm(fake, state, recreated):
+  _setup_fakes(fake)
+  write_exe(fake.bin / "gcloud", fake.record("gcloud", f"""
+case "$*" in *"tpu-vm describe"*) echo {state}; exit 0 ;; esac
+for a in "$@"; do
+  case $a in --command=*) exec sh -c "${{a#--command=}}" ;; esac
+done
+"""))
+  write_exe(fake.bin / "tmux", fake.record("tmux"))
+  proc = sh("tpu_recover.sh", *VALID["tpu_recover.sh"], "--spot",
+            env=fake.env, check=0)
+  verbs = [" ".join(c["argv"][2:4]) for c in fake.calls("gcloud")]
+  if recreated:  # describe, delete, create, setup, train
+    expected = ["tpu-vm describe", "tpu-vm delete", "tpu-vm create",
+                "tpu-vm ssh", "tpu-vm ssh"]
+  else:  # describe, setup, kill stale processes, train
+    expected = ["tpu-vm describe", "tpu-vm ssh", "tpu-vm ssh", "tpu-vm ssh"]
+  assert verbs == expected, proc.stderr
+  assert f"pod is {state}" in proc.stderr
+  assert "started bayesncl" in proc.stdout
 
 
 # ------------------------------------------------- dry run == real run ----
 
-@pytest.mark.parametrize("script", [s for s in ENTRY_POINTS if s != "gpu_train.sh"])
+@pytest.mark.parametrize("script", [s for s in ENTRY_POINTS if s not in MULTI])
 def test_dry_run_prints_exactly_what_runs(fake, script):
   # gcloud that records and does nothing else.
   write_exe(fake.bin / "gcloud", fake.record("gcloud"))
@@ -589,7 +825,7 @@ def test_shellcheck_passes_on_every_script():
                 "install shellcheck)")
   proc = subprocess.run(
       ["shellcheck", "--external-sources", "--severity=style",
-       *(str(LAUNCH / s) for s in SCRIPTS)],
+       *(str(LAUNCH / s) for s in SCRIPTS), str(LAUNCH / "gpu_slurm.sbatch")],
       capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -618,3 +854,75 @@ def test_readme_dry_run_examples_are_current():
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "+ " + expected, command
+
+
+# ------------------------------------------------------- gpu_setup, SLURM ----
+
+def test_gpu_setup_one_pip_call_with_the_pinned_cuda_jax(fake):
+  """A 3.10 venv is rebuilt with python3.11; requirements.txt and
+  jax[cuda12] at the requirements' jax pin go through ONE pip resolution."""
+  fake_python(fake, fake.bin / "python3", (3, 10), name="python3")
+  fake_python(fake, fake.bin / "python3.11", (3, 11), name="python3.11")
+  for tool in ("cp", "sed"):
+    if not (fake.bin / tool).exists():
+      (fake.bin / tool).symlink_to(shutil.which(tool))
+  venv = fake.tmp / "venv"
+  (venv / "bin").mkdir(parents=True)
+  stale = venv / "bin" / "python"
+  stale.write_bytes((fake.tmp / "venv_python_310").read_bytes())
+  stale.chmod(0o755)
+  proc = sh("gpu_setup.sh", f"--venv={venv}", env=fake.env, check=0)
+  assert "was made by another Python version: rebuilding it with python3.11" \
+      in proc.stderr
+  repo = LAUNCH.parent
+  jax_pin = re.search(r"^jax==(\S+)$", (repo / "requirements.txt").read_text(),
+                      flags=re.M)[1]
+  assert _pips(fake) == [
+      ["-m", "pip", "install", "-q", "-U", "pip"],
+      ["-m", "pip", "install", "-q", "-r", f"{repo}/requirements.txt",
+       f"jax[cuda12]=={jax_pin}"],
+      ["-m", "pip", "install", "-q", "--no-deps", "-e", str(repo)]]
+  assert ("python3.11", ["-m", "venv"]) in _progs(fake.calls())
+  # Again: the venv is kept.
+  (fake.tmp / "calls.log").unlink()
+  proc = sh("gpu_setup.sh", f"--venv={venv}", env=fake.env, check=0)
+  assert ("python3.11", ["-m", "venv"]) not in _progs(fake.calls())
+  assert "rebuilding" not in proc.stderr
+
+
+def test_gpu_setup_without_python311_names_the_fix(fake):
+  fake_python(fake, fake.bin / "python3", (3, 10), name="python3")
+  proc = sh("gpu_setup.sh", "--dry-run", env=fake.env)
+  assert proc.returncode == 2
+  assert "no Python >= 3.11 found" in proc.stderr
+  assert "apt-get install python3.11" in proc.stderr
+
+
+def test_gpu_slurm_sbatch_starts_one_process_per_node(fake, tmp_path):
+  """The sbatch script under a fake srun (two tasks) and scontrol: each
+  task runs gpu_train.sh with the first node as coordinator and its own
+  SLURM_PROCID; --dry-run is passed through, so each prints its command."""
+  write_exe(fake.bin / "scontrol", "#!/bin/sh\nprintf 'gpu-a\\ngpu-b\\n'\n")
+  write_exe(fake.bin / "srun", """#!/bin/bash
+while [[ $1 == --* ]]; do shift; done
+for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i "$@" || exit; done
+""")
+  env = {**fake.env, "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_NTASKS": "2",
+         "SLURM_SUBMIT_DIR": str(LAUNCH.parent)}
+  proc = subprocess.run(
+      ["bash", str(LAUNCH / "gpu_slurm.sbatch"), "--config=configs/c.py",
+       "--workdir=gs://bucket/run", *TRICKY, "--dry-run"],
+      capture_output=True, text=True, env=env, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  cmds = [shlex.split(line[2:]) for line in proc.stdout.splitlines()]
+  python = f"{LAUNCH.parent}/.venv/bin/python"
+  assert cmds == [
+      ["env", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9", "NCCL_DEBUG=WARN", python,
+       "-m", "bayesncl_jax.main", "--config=configs/c.py",
+       "--workdir=gs://bucket/run", "--coordinator_address=gpu-a:12345",
+       "--num_processes=2", f"--process_id={i}", *TRICKY] for i in (0, 1)]
+  # Outside an allocation: a clear error.
+  env.pop("SLURM_JOB_NODELIST")
+  proc = subprocess.run(["bash", str(LAUNCH / "gpu_slurm.sbatch")],
+                        capture_output=True, text=True, env=env, timeout=60)
+  assert proc.returncode != 0 and "run this with sbatch" in proc.stderr

@@ -64,17 +64,20 @@ TIMING_KEYS = ("images_per_sec",)
 class Job:
   """One training job: `processes` subprocesses, `devices` CPU devices each."""
 
-  def __init__(self, workdir: Path, *, devices: int, processes: int = 1,
+  def __init__(self, workdir: Path | str, *, devices: int, processes: int = 1,
                args=(), worker: bool = False, timeout: int = 120,
-               only=None, cache: Path | None = None):
+               only=None, cache: Path | None = None, logs: Path | None = None):
     """Starts the processes (`only`: just these process ids).
 
     `cache`: a JAX persistent compilation cache shared by the jobs of this
     test module; jobs with the same device layout then compile once.
+    `logs`: where the logs go (`logs.p{i}.log`), default next to
+    `workdir`; needed when the workdir is a gs:// URL.
     """
     self.workdir = workdir
     only = range(processes) if only is None else only
-    self.logs = [workdir.with_name(f"{workdir.name}.p{i}.log") for i in only]
+    base = workdir if logs is None else logs
+    self.logs = [base.with_name(f"{base.name}.p{i}.log") for i in only]
     env = dict(os.environ)
     env.update(
         # LLVM -O0: a third of the compile time, and every job of a
