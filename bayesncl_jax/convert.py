@@ -254,7 +254,9 @@ def restore_trees(workdir: str, step: int | None = None
   if not ckpt_dir.exists():
     raise tc.InteropError(f"No checkpoints in {workdir} ({ckpt_dir} does not"
                           " exist).")
-  mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"))
+  mngr = ocp.CheckpointManager(
+      ckpt_dir, item_handlers={"state": ocp.StandardCheckpointHandler(),
+                               "data": ocp.JsonCheckpointHandler()})
   try:
     steps = sorted(mngr.all_steps())
     if not steps or (step is not None and step not in steps):

@@ -268,9 +268,10 @@ class Architecture:
     lines.append("projector    " + (
         f"{self.feature_dim} -> {self.proj_hidden} -> {self.proj_out}"
         if self.proj_hidden else "not in the checkpoint"))
+    middle = " -> ..." if self.gate_layers > 2 else ""
     lines.append("gate head    " + (
         f"{self.gate_layers} linear layers ({self.feature_dim} -> "
-        f"{self.gate_hidden} -> ... -> {self.gate_out})"
+        f"{self.gate_hidden}{middle} -> {self.gate_out})"
         if self.gate_layers else "none"))
     lines.append("classifier   " + (
         f"{self.feature_dim} -> {self.num_classes} classes"
