@@ -19,6 +19,9 @@ GATE_TYPES = ("ste", "gumbel_sigmoid", "gumbel_authors")
 GATE_MODES = ("hard", "soft")
 BACKBONES = ("resnet18", "resnet50")
 STEMS = ("cifar", "imagenet")
+STEM_PADDINGS = (0, 1, 2)
+INITS = ("torch", "flax")
+BN_VIEWS = ("separate", "joint")
 DTYPES = ("float32", "bfloat16")
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagenet100",
             "fashion_mnist_backgrounds")
@@ -66,6 +69,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.backbone = "resnet18"
   c.model.width = 64  # channels of the first stage (64 = standard ResNet).
   c.model.stem = "cifar"  # cifar: 3x3/1, no max-pool; imagenet: 7x7/2 + pool.
+  # Zero padding of the cifar stem's 3x3 conv: the authors' 2 (34x34 maps
+  # from 32x32 images) or 1 (size kept). The imagenet stem always pads 3.
+  c.model.stem_padding = 2
+  # torch: torchvision/PyTorch init (conv kaiming-normal fan_out, BN scale 1,
+  # Linear weight and bias ~ U(±1/sqrt(fan_in))), as the authors' code;
+  # flax: Flax defaults (LeCun-normal Dense, zero bias) and the last BN scale
+  # of each residual block at 0.
+  c.model.init = "torch"
+  # BatchNorm batch in training: separate = each view's batch on its own,
+  # running statistics updated once per view (solo-learn, the authors);
+  # joint = both views in one batch of 2N rows (SimCLR's TensorFlow code).
+  c.model.bn_views = "separate"
   # Blocks per stage; () = the standard depth of `backbone`. A small variant
   # of the same code for tests and CPU demos, e.g. (1, 1) with width 16.
   c.model.stage_sizes = ()
@@ -333,6 +348,9 @@ def validate(config, num_devices: int | None = None) -> None:
   _choice(config, "model.non_neg", NON_NEG)
   _choice(config, "model.backbone", BACKBONES)
   _choice(config, "model.stem", STEMS)
+  _choice(config, "model.stem_padding", STEM_PADDINGS)
+  _choice(config, "model.init", INITS)
+  _choice(config, "model.bn_views", BN_VIEWS)
   _choice(config, "model.dtype", DTYPES)
   _choice(config, "dataset.name", DATASETS)
   _choice(config, "gate.type", GATE_TYPES)

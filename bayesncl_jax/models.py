@@ -199,11 +199,12 @@ def _add_shortcut(block: nn.Module, residual, y):
   """relu(shortcut(x) + BN(y)) for a block's last conv output y.
 
   Called inside the block's compact __call__, so the modules it creates
-  belong to the block. Zero-init of the last BN scale makes each block start
-  as the identity; the shortcut is a strided 1x1 conv + BN where the shape
+  belong to the block. With `init_scheme="flax"` the last BN scale starts at
+  zero, so each block starts as the identity (torchvision and the authors do
+  not do this); the shortcut is a strided 1x1 conv + BN where the shape
   changes.
   """
-  y = block.norm(scale_init=nn.initializers.zeros)(y)
+  y = block.norm(scale_init=block.last_bn_scale_init)(y)
   if residual.shape != y.shape:
     residual = block.conv(y.shape[-1], (1, 1), (block.strides, block.strides),
                           name="proj_conv")(residual)
@@ -217,6 +218,7 @@ class BasicBlock(nn.Module):
   conv: ModuleDef
   norm: ModuleDef
   strides: int = 1
+  last_bn_scale_init: Callable = nn.initializers.ones
   expansion = 1
 
   @nn.compact
@@ -234,6 +236,7 @@ class BottleneckBlock(nn.Module):
   conv: ModuleDef
   norm: ModuleDef
   strides: int = 1
+  last_bn_scale_init: Callable = nn.initializers.ones
   expansion = 4
 
   @nn.compact
@@ -252,19 +255,65 @@ _RESNETS = {
 }
 
 
+INITS = ("torch", "flax")
+
+
+def _conv_init():
+  # Kaiming-normal with fan_out (relu gain): torchvision's conv init, used by
+  # both init schemes (HWIO kernels: fan_out = out_channels * kh * kw).
+  return nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _uniform(bound: float) -> Callable:
+  """Initialiser drawing from U(-bound, bound)."""
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def dense(features: int, fan_in: int, init: str, dtype: Any = jnp.float32,
+          name: str | None = None) -> nn.Dense:
+  """nn.Dense initialised as PyTorch's Linear or with Flax's defaults.
+
+  `torch`: weight and bias ~ U(±1/sqrt(fan_in)) (nn.Linear's
+  kaiming_uniform(a=sqrt(5)) is exactly this bound). `flax`: LeCun-normal
+  weight, zero bias.
+  """
+  if init == "torch":
+    bound = 1.0 / fan_in ** 0.5
+    return nn.Dense(features, dtype=dtype, kernel_init=_uniform(bound),
+                    bias_init=_uniform(bound), name=name)
+  if init == "flax":
+    return nn.Dense(features, dtype=dtype, name=name)
+  raise ValueError(f"Unknown init={init!r}: {' | '.join(INITS)}")
+
+
 class ResNet(nn.Module):
   """ResNet backbone returning globally pooled features h: (B, d_h).
 
   d_h = 8·width (ResNet-18) or 32·width (ResNet-50); width 64 is standard.
   `stage_sizes` overrides the depth (e.g. (1, 1) for a tiny test model).
-  Stem `cifar`: 3x3 conv stride 1, padding 1 (the common choice; the authors'
-  code pads 2), no max-pool. Stem `imagenet`: 7x7/2 conv + 3x3/2 max-pool.
+  Stem `cifar`: 3x3 conv stride 1, `stem_padding` pixels of zero padding
+  (the authors pad 2: 34x34 maps for 32x32 images; 1 keeps the size), no
+  max-pool. Stem `imagenet`: 7x7/2 conv (padding 3) + 3x3/2 max-pool
+  (padding 1), as torchvision. Every conv pads (k-1)/2 on *both* sides, as
+  torch does (Flax's "SAME" pads a stride-2 3x3 conv on an even-sized map
+  only at the bottom/right, which shifts every strided window by a pixel
+  compared with torchvision), so a torchvision checkpoint computes the same
+  function here.
+
+  `init_scheme`: `torch` = torchvision's ResNet init (conv kaiming-normal,
+  fan_out, BN scale 1 and bias 0 everywhere); `flax` = the same, but the
+  last BN scale of every block starts at 0 (each block starts as the
+  identity).
   """
   name_or_blocks: str = "resnet18"
   width: int = 64
   stem: str = "cifar"
   stage_sizes: Sequence[int] | None = None
   dtype: Any = jnp.float32
+  stem_padding: int = 2
+  init_scheme: str = "torch"
 
   @property
   def feature_dim(self) -> int:
@@ -276,15 +325,25 @@ class ResNet(nn.Module):
   def __call__(self, x, train: bool):
     sizes, block = _RESNETS[self.name_or_blocks]
     sizes = self.stage_sizes or sizes
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             padding="SAME",
-                             kernel_init=nn.initializers.variance_scaling(
-                                 2.0, "fan_out", "normal"))
+    if self.init_scheme not in INITS:
+      raise ValueError(f"Unknown init_scheme={self.init_scheme!r}: "
+                       f"{' | '.join(INITS)}")
+    last_bn_scale_init = (nn.initializers.zeros if self.init_scheme == "flax"
+                          else nn.initializers.ones)
+
+    def conv(features, kernel_size, strides=(1, 1), **kw):
+      kw.setdefault("padding", [((k - 1) // 2, (k - 1) // 2)
+                                for k in kernel_size])
+      return nn.Conv(features, kernel_size, strides, use_bias=False,
+                     dtype=self.dtype, kernel_init=_conv_init(), **kw)
+
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=0.9, epsilon=1e-5, dtype=self.dtype)
     x = x.astype(self.dtype)
     if self.stem == "cifar":
-      x = conv(self.width, (3, 3), name="stem_conv")(x)
+      pad = self.stem_padding
+      x = conv(self.width, (3, 3), padding=[(pad, pad), (pad, pad)],
+               name="stem_conv")(x)
       x = nn.relu(norm(name="stem_bn")(x))
     elif self.stem == "imagenet":
       x = conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
@@ -297,7 +356,7 @@ class ResNet(nn.Module):
       for j in range(n_blocks):
         strides = 2 if i > 0 and j == 0 else 1
         x = block(self.width * 2 ** i, conv=conv, norm=norm,
-                  strides=strides)(x)
+                  strides=strides, last_bn_scale_init=last_bn_scale_init)(x)
     return jnp.mean(x, axis=(1, 2))
 
 
@@ -311,15 +370,18 @@ class MLP(nn.Module):
   hidden: int
   out: int
   dtype: Any = jnp.float32
+  init_scheme: str = "torch"
   depth: int = 2
 
   @nn.compact
   def __call__(self, x):
     if self.depth < 1:
       raise ValueError(f"MLP depth must be >= 1, got {self.depth}")
-    for _ in range(self.depth - 1):
-      x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
-    return nn.Dense(self.out, dtype=self.dtype)(x)
+    for i in range(self.depth - 1):
+      x = nn.relu(dense(self.hidden, x.shape[-1], self.init_scheme,
+                        self.dtype, name=f"Dense_{i}")(x))
+    return dense(self.out, x.shape[-1], self.init_scheme, self.dtype,
+                 name=f"Dense_{self.depth - 1}")(x)
 
 
 # ----------------------------------------------------------------------------
@@ -360,16 +422,23 @@ class ContrastiveModel(nn.Module):
   gate_depth: int = 2
   top_k: int = 0
   dtype: Any = jnp.float32
+  stem_padding: int = 2
+  init_scheme: str = "torch"
 
   def setup(self):
     self.encoder = ResNet(self.backbone, self.width, self.stem,
-                          self.stage_sizes, self.dtype, name="backbone")
+                          self.stage_sizes, self.dtype,
+                          stem_padding=self.stem_padding,
+                          init_scheme=self.init_scheme, name="backbone")
     self.projector = MLP(self.proj_hidden, self.proj_out, self.dtype,
-                         name="projector")
+                         self.init_scheme, name="projector")
     if self.method == "bayesncl":
       self.gate_head = MLP(self.proj_hidden, self.proj_out, self.dtype,
-                           depth=self.gate_depth, name="gate_head")
-    self.classifier = nn.Dense(self.num_classes, name="classifier")
+                           self.init_scheme, depth=self.gate_depth,
+                           name="gate_head")
+    # float32 compute, as before (no dtype): the online probe is tiny.
+    self.classifier = dense(self.num_classes, self.encoder.feature_dim,
+                            self.init_scheme, name="classifier")
 
   def project(self, h: jax.Array, *, train: bool,
               gate_rng: jax.Array | None = None) -> dict[str, jax.Array]:
@@ -415,4 +484,5 @@ def model_from_config(config, stage_sizes: Sequence[int] | None = None):
       gate_threshold=g.threshold, gate_eval_mode=g.eval_mode,
       gate_train_mode=g.train_mode, gate_isolate=bool(g.isolate),
       gate_depth=g.depth, top_k=m.top_k,
-      dtype=jnp.dtype(m.dtype))
+      dtype=jnp.dtype(m.dtype), stem_padding=m.stem_padding,
+      init_scheme=m.init)

@@ -121,47 +121,96 @@ def _tree_norm(tree) -> jax.Array:
   return optax.global_norm(tree)
 
 
+def forward_views(model, params, batch_stats, view1, view2, *,
+                  bn_views: str, gate_rng: jax.Array | None = None):
+  """Training-mode forward of both views: (outputs, new batch_stats).
+
+  The outputs hold the 2N rows [view 1 of every image; view 2 of every
+  image]. `bn_views="separate"` runs the model once per view, as solo-learn
+  does: BatchNorm normalises each view's batch on its own and the running
+  statistics are updated twice, view 1 then view 2; the gate noise of view v
+  is drawn from `fold_in(gate_rng, v)`. `"joint"` runs one batch of 2N rows
+  (SimCLR's TensorFlow code) with `gate_rng` itself.
+  """
+  if bn_views == "joint":
+    out, new_vars = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        jnp.concatenate([view1, view2]), train=True, gate_rng=gate_rng,
+        mutable=["batch_stats"])
+    return out, new_vars["batch_stats"]
+  if bn_views != "separate":
+    raise ValueError(f"Unknown bn_views={bn_views!r}: separate | joint")
+  outs = []
+  for v, view in enumerate((view1, view2)):
+    rng = None if gate_rng is None else jax.random.fold_in(gate_rng, v)
+    out, new_vars = model.apply(
+        {"params": params, "batch_stats": batch_stats}, view, train=True,
+        gate_rng=rng, mutable=["batch_stats"])
+    batch_stats = new_vars["batch_stats"]
+    outs.append(out)
+  return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), *outs), (
+      batch_stats)
+
+
+def make_update_fn(config, model, tx, row_sharding=None):
+  """`(state, view1, view2, labels, gate_rng) -> (state, metrics, extras)`.
+
+  The training step after augmentation: forward (`forward_views`), loss,
+  gradients, optimiser update. view1, view2: (N, S, S, C) normalised
+  float views; labels: (N,). extras = {"grads", "outputs"} for tests that
+  compare a step with another implementation (unused outputs cost nothing
+  under jit).
+  """
+
+  def update(state: TrainState, view1, view2, labels, gate_rng):
+    def loss_fn(params):
+      out, batch_stats = forward_views(
+          model, params, state.batch_stats, view1, view2,
+          bn_views=config.model.bn_views, gate_rng=gate_rng)
+      loss, metrics = losses.total_loss(
+          out, labels, method=config.method,
+          temperature=config.loss.temperature,
+          kl_weight=config.gate.kl_weight, prior_prob=config.gate.prior_prob,
+          row_sharding=row_sharding)
+      return loss, (metrics, batch_stats, out)
+
+    (_, (metrics, batch_stats, out)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = _tree_norm(grads)
+    metrics["param_norm"] = _tree_norm(params)
+    new_state = TrainState(step=state.step + 1, params=params,
+                           batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, metrics, {"grads": grads, "outputs": out}
+
+  return update
+
+
 def make_train_step(setup: Setup):
   """Returns the jitted step `(state, batch, rng) -> (state, metrics)`.
 
   batch: {"view1", "view2": uint8 (B, S, S, C), "label": int32 (B,)},
   sharded over `data`. The RNG of step t is fold_in(rng, t), so a resumed
   run draws the same augmentations and gate noise as an uninterrupted one.
+  Augmentation, then `make_update_fn`.
   """
   config, model, tx, mesh = setup.config, setup.model, setup.tx, setup.mesh
   mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
   dtype = compute_dtype(config)
   main_lr = setup.schedules["main"]
+  update = make_update_fn(config, model, tx, sharding.rows_sharding(mesh))
 
   def step_fn(state: TrainState, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
     rng_v1, rng_v2, rng_gate = jax.random.split(rng, 3)
-    views = jnp.concatenate([
-        augment.augment_batch(rng_v1, batch["view1"], config.aug, mean, std,
-                              dtype),
-        augment.augment_batch(rng_v2, batch["view2"], config.aug, mean, std,
-                              dtype)])
-
-    def loss_fn(params):
-      out, new_vars = model.apply(
-          {"params": params, "batch_stats": state.batch_stats}, views,
-          train=True, gate_rng=rng_gate, mutable=["batch_stats"])
-      loss, metrics = losses.total_loss(
-          out, batch["label"], method=config.method,
-          temperature=config.loss.temperature,
-          kl_weight=config.gate.kl_weight, prior_prob=config.gate.prior_prob,
-          row_sharding=sharding.rows_sharding(mesh))
-      return loss, (metrics, new_vars["batch_stats"])
-
-    (_, (metrics, batch_stats)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = _tree_norm(grads)
-    metrics["param_norm"] = _tree_norm(params)
+    view1 = augment.augment_batch(rng_v1, batch["view1"], config.aug, mean,
+                                  std, dtype)
+    view2 = augment.augment_batch(rng_v2, batch["view2"], config.aug, mean,
+                                  std, dtype)
+    new_state, metrics, _ = update(state, view1, view2, batch["label"],
+                                   rng_gate)
     metrics["lr"] = main_lr(state.step)
-    new_state = TrainState(step=state.step + 1, params=params,
-                           batch_stats=batch_stats, opt_state=opt_state)
     return new_state, metrics
 
   rep = sharding.replicated(mesh)
@@ -524,5 +573,6 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 __all__ = ["PREEMPTED_EXIT_CODE", "TrainState", "build", "init_state", "make_train_step",
+           "make_update_fn", "forward_views",
            "train_and_evaluate", "restore_checkpoint", "load_config",
            "NonFiniteLossError", "CheckpointError"]

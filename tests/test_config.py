@@ -40,6 +40,10 @@ def test_authors_hyperparameters():
           in100.model.non_neg, in100.model.stem) == (16384, 2048, "relu",
                                                      "imagenet")
   for c in (c10, in100):
+    # METHOD §10 / solo-learn: CIFAR stem pads 2, torchvision/PyTorch init,
+    # BatchNorm over each view's batch.
+    assert (c.model.stem_padding, c.model.init, c.model.bn_views) == (
+        2, "torch", "separate")
     assert c.loss.temperature == 0.2
     assert (c.gate.prior_prob, c.gate.kl_weight, c.gate.lr) == (0.8, 3e-5,
                                                                 0.1)
@@ -66,6 +70,10 @@ def test_unknown_config_argument():
     ("model.dtype", "float16", "config.model.dtype='float16'"),
     ("dataset.name", "mnist", "config.dataset.name='mnist'"),
     ("model.stage_sizes", (1, 0), "config.model.stage_sizes"),
+    ("model.stem_padding", 3, r"config.model.stem_padding=3 .*0, 1, 2"),
+    ("model.init", "xavier", "config.model.init='xavier'.*'torch', 'flax'"),
+    ("model.bn_views", "both", "config.model.bn_views='both'.*'separate', "
+     "'joint'"),
 ])
 def test_bad_values_name_field_and_fix(field, value, match):
   config = config_lib.base_config()

@@ -435,3 +435,82 @@ def test_config_and_model_agree_on_gate_names():
   from bayesncl_jax import config_lib  # pylint: disable=g-import-not-at-top
   assert config_lib.GATE_TYPES == models.GATE_TYPES
   assert config_lib.GATE_MODES == models.GATE_MODES
+
+
+# ----------------------------------------------------------------------------
+# Initialisation schemes and the CIFAR stem's padding (METHOD.md §10).
+# ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def init_params():
+  """Params of a width-64 model under both schemes (big enough for stats)."""
+  out = {}
+  for scheme in ("torch", "flax"):
+    model = models.ContrastiveModel(
+        method="bayesncl", num_classes=10, width=64, stage_sizes=(1,),
+        proj_hidden=512, proj_out=256, init_scheme=scheme)
+    out[scheme] = jax.jit(lambda k, m=model: m.init(
+        k, jnp.zeros((2, 8, 8, 3)), train=False))(jax.random.key(0))["params"]
+  return out
+
+
+def test_torch_init_matches_pytorch(init_params):
+  p = init_params["torch"]
+  # Conv: kaiming-normal, fan_out = out_channels * 3 * 3, std sqrt(2/fan_out).
+  for kernel in (p["backbone"]["stem_conv"]["kernel"],
+                 p["backbone"]["BasicBlock_0"]["Conv_1"]["kernel"]):
+    kernel = np.asarray(kernel)
+    fan_out = kernel.shape[-1] * kernel.shape[0] * kernel.shape[1]
+    np.testing.assert_allclose(kernel.std(), math.sqrt(2 / fan_out),
+                               rtol=0.05)
+    assert abs(kernel.mean()) < 0.1 * kernel.std()
+  # BatchNorm: scale 1 and bias 0 everywhere, the block's last BN included.
+  for name in ("stem_bn",):
+    np.testing.assert_array_equal(p["backbone"][name]["scale"], 1.0)
+  for name in ("BatchNorm_0", "BatchNorm_1"):
+    np.testing.assert_array_equal(p["backbone"]["BasicBlock_0"][name]["scale"],
+                                  1.0)
+    np.testing.assert_array_equal(p["backbone"]["BasicBlock_0"][name]["bias"],
+                                  0.0)
+  # Linear: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+  for dense in (p["projector"]["Dense_0"], p["projector"]["Dense_1"],
+                p["gate_head"]["Dense_0"], p["classifier"]):
+    w, b = np.asarray(dense["kernel"]), np.asarray(dense["bias"])
+    bound = 1 / math.sqrt(w.shape[0])
+    assert np.abs(w).max() <= bound and np.abs(b).max() <= bound
+    assert np.abs(w).max() > 0.99 * bound
+    if b.size >= 256:  # P(max |b| < 0.8 bound) = 0.8^256: never by chance.
+      assert np.abs(b).max() > 0.8 * bound
+      np.testing.assert_allclose(b.std(), bound / math.sqrt(3), rtol=0.15)
+    np.testing.assert_allclose(w.std(), bound / math.sqrt(3), rtol=0.05)
+
+
+def test_flax_init_zero_inits_last_bn_and_bias(init_params):
+  p = init_params["flax"]
+  block = p["backbone"]["BasicBlock_0"]
+  np.testing.assert_array_equal(block["BatchNorm_1"]["scale"], 0.0)
+  np.testing.assert_array_equal(block["BatchNorm_0"]["scale"], 1.0)
+  w = np.asarray(p["projector"]["Dense_0"]["kernel"])
+  np.testing.assert_array_equal(p["projector"]["Dense_0"]["bias"], 0.0)
+  np.testing.assert_allclose(w.std(), 1 / math.sqrt(w.shape[0]), rtol=0.05)
+  # The convs are kaiming-normal under both schemes.
+  np.testing.assert_allclose(np.asarray(block["Conv_1"]["kernel"]).std(),
+                             math.sqrt(2 / (64 * 9)), rtol=0.05)
+
+
+def test_unknown_init_scheme():
+  with pytest.raises(ValueError, match="init_scheme='xavier'"):
+    models.ResNet(init_scheme="xavier").init(
+        jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+
+
+@pytest.mark.parametrize("padding,size", [(2, 34), (1, 32), (0, 30)])
+def test_cifar_stem_padding_sets_the_map_size(padding, size):
+  net = models.ResNet("resnet18", 4, "cifar", (1, 1), stem_padding=padding)
+  variables = jax.eval_shape(lambda: net.init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False,
+      capture_intermediates=True))
+  stem = variables["intermediates"]["stem_conv"]["__call__"][0]
+  assert stem.shape == (1, size, size, 4)
+  # The stride-2 stage halves it, rounding up (torch: (n + 2 - 3) // 2 + 1).
+  block = variables["intermediates"]["BasicBlock_1"]["__call__"][0]
+  assert block.shape == (1, (size - 1) // 2 + 1, (size - 1) // 2 + 1, 8)
