@@ -39,7 +39,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Sequence
 
@@ -52,12 +51,12 @@ from etils import epath
 
 from bayesncl_jax import cli
 from bayesncl_jax import augment
-from bayesncl_jax import config_lib
 from bayesncl_jax import datasets
 from bayesncl_jax import input_pipeline
 from bayesncl_jax import linear_probe
 from bayesncl_jax import metrics
 from bayesncl_jax import plots
+from bayesncl_jax import preflight
 from bayesncl_jax import sharding
 from bayesncl_jax import train
 
@@ -330,10 +329,9 @@ def evaluate(workdir: str, options: EvalOptions = EvalOptions(), *,
 
   Returns the report (the content of report.json).
   """
-  unknown = set(options.protocols) - set(ALL_PROTOCOLS)
-  if unknown or not options.protocols:
-    raise ValueError(f"protocols must be a non-empty subset of "
-                     f"{ALL_PROTOCOLS}, got {options.protocols}")
+  preflight.check_evaluation(workdir, train.load_config(workdir),
+                             options.protocols, ALL_PROTOCOLS, _NEEDS_TRAIN,
+                             options.out_dir)
   protocols = set(options.protocols)
   t0 = time.time()
   setup, state = load_state(workdir, options.step, mesh)
@@ -593,12 +591,7 @@ def main(argv):
   cli.quiet_library_logs()
   from bayesncl_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize_from_flags()
-  try:
-    report = evaluate(FLAGS.workdir, options_from_flags())
-  except (FileNotFoundError, EvaluationError, train.CheckpointError,
-          config_lib.ConfigError) as e:
-    logging.error("%s", e)
-    sys.exit(f"error: {e}")
+  report = evaluate(FLAGS.workdir, options_from_flags())
   if jax.process_index() == 0:
     out_dir = FLAGS.out_dir or os.path.join(FLAGS.workdir, "eval")
     print(report_markdown(report), flush=True)
@@ -607,4 +600,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)
