@@ -78,20 +78,18 @@ def _quiet_excepthook(previous):
 # ----------------------------------------------------------------------------
 # Errors -> one paragraph.
 # ----------------------------------------------------------------------------
-def _project_errors() -> tuple[type[BaseException], ...]:
-  """The project's own error types (imported late: they pull in JAX)."""
-  # pylint: disable=g-import-not-at-top
-  from bayesncl_jax import config_lib
-  from bayesncl_jax import datasets
-  from bayesncl_jax import integrity
-  from bayesncl_jax import preflight
-  from bayesncl_jax import run_record
-  from bayesncl_jax import train
-  from bayesncl_jax import evaluate
-  return (config_lib.ConfigError, datasets.DatasetNotFoundError,
-          integrity.CheckpointError, integrity.DiskFullError,
-          train.NonFiniteLossError, evaluate.EvaluationError,
-          preflight.PreflightError, run_record.ConfigChangedError)
+# The project's own errors, by name: a module run as a program (`python -m
+# bayesncl_jax.evaluate`) defines its classes a second time, as __main__.X.
+PROJECT_ERRORS = frozenset({
+    "ConfigError", "DatasetNotFoundError", "CheckpointError", "DiskFullError",
+    "NonFiniteLossError", "EvaluationError", "PreflightError",
+    "ConfigChangedError"})
+
+
+def is_project_error(e: BaseException) -> bool:
+  return any(cls.__name__ in PROJECT_ERRORS and (
+      cls.__module__ == "__main__" or cls.__module__.startswith("bayesncl_jax"))
+             for cls in type(e).__mro__)
 
 
 def explain(e: BaseException) -> str | None:
@@ -99,7 +97,7 @@ def explain(e: BaseException) -> str | None:
   from bayesncl_jax import integrity  # pylint: disable=g-import-not-at-top
   if isinstance(e, integrity.DiskFullError):
     return e.strerror
-  if isinstance(e, _project_errors()):
+  if is_project_error(e):
     return str(e)
   if integrity.is_disk_full(e):
     where = getattr(e, "filename", None)

@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 
 from bayesncl_jax import config_lib
 from bayesncl_jax import input_pipeline
+from bayesncl_jax import integrity
 from bayesncl_jax import sharding
 from bayesncl_jax import train
 
@@ -104,7 +105,7 @@ def test_real_fashion_mnist_learns_checkpoints_and_resumes(tmp_path):
   config.optim.warmup_epochs = 0
   first = train.train_and_evaluate(config, tmp_path, mesh=mesh)
   assert first["step"] == 20
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["20"]
+  assert integrity.committed_steps(tmp_path / "checkpoints") == [20]
   config.optim.total_steps = 40  # ... the second resumes there (a longer
   # schedule changes the result: allowed explicitly, and recorded).
   second = train.train_and_evaluate(config, tmp_path, mesh=mesh,
@@ -185,7 +186,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   proc.send_signal(signal.SIGTERM)
   _, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 0, stderr[-3000:]
-  steps = [int(s) for s in os.listdir(tmp_path / "checkpoints")]
+  steps = integrity.committed_steps(tmp_path / "checkpoints")
   assert len(steps) == 1 and 2 <= steps[0] < 100000
   assert "SIGTERM received" in stderr
 
