@@ -207,6 +207,24 @@ class RunRecord:
       return summary
     return None
 
+  def logged_row(self, step: int) -> dict[str, float]:
+    """The metrics row logged at `step` ({} if none), without "step".
+
+    A run resumed at its last step (killed between its final checkpoint and
+    its summary) trains nothing; its summary reports this row.
+    """
+    path = self.workdir / METRICS
+    if step <= 0 or not path.exists():
+      return {}
+    for line in reversed(path.read_text().splitlines()):
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(row, dict) and row.get("step") == step:
+        return {k: v for k, v in row.items() if k != "step"}
+    return {}
+
   # -- writing (process 0) ---------------------------------------------------
   def _append(self, event: dict[str, Any]):
     if not self._writer:

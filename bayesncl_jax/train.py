@@ -501,7 +501,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   bar = _progress(total, start, config.progress_bar)
   global_batch = config.optim.batch_size
   pending, pending_start = [], start
-  last_scalars: dict[str, float] = {}
+  last_scalars: dict[str, float] = record.logged_row(start)
   t_start = t_log = time.time()
   preempted = False
   try:

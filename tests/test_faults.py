@@ -274,6 +274,26 @@ def test_rerun_of_finished_run_changes_nothing(finished, tmp_path):
       f"   tensorboard --logdir={workdir}/tensorboard")
 
 
+def test_killed_before_its_summary_gets_a_full_one(finished, tmp_path):
+  """Killed between the last checkpoint and summary.json: the re-run trains
+  nothing and writes the summary the finished run would have written."""
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  want = json.loads((workdir / "summary.json").read_text())
+  (workdir / "summary.json").unlink()
+  got = run(tiny_config(), workdir)
+  assert got["segment_seconds"] < want["train_seconds"]
+  for key in ("step", "train_loss", "train_nce", "train_online_acc",
+              "test_online_acc", "test_sparsity"):
+    assert got[key] == pytest.approx(want[key]), key
+  last = read_jsonl(workdir / "metrics.jsonl")[-1]
+  assert last["step"] == 4 and got["train_loss"] == last["loss"]
+  assert got["train_seconds"] == pytest.approx(
+      integrity.read_manifest(workdir / "checkpoints", 4)["train_seconds"]
+      + got["segment_seconds"])
+  assert json.loads((workdir / "summary.json").read_text()) == got
+
+
 def test_truncate_metrics_keeps_one_row_per_step(tmp_path):
   path = tmp_path / "metrics.jsonl"
   rows = [{"step": s, "loss": float(s)} for s in (1, 2, 3, 4)]
