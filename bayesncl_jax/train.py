@@ -302,10 +302,11 @@ def _check_finite(pending, first_step: int, state: TrainState, config,
   the loss terms and the parameter groups (gradients at that step,
   parameters now) that are not finite, and the checkpoint kept.
   """
-  host = jax.device_get(pending)
-  for i, m in enumerate(host):
-    if np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]):
+  host = jax.device_get([(m["loss"], m["grad_norm"]) for m in pending])
+  for i, (loss, gnorm) in enumerate(host):
+    if np.isfinite(loss) and np.isfinite(gnorm):
       continue
+    m = jax.device_get(pending[i])
     bad_step = first_step + i + 1
     terms = [t for t in _LOSS_TERMS if t in m and not np.isfinite(m[t])]
     grad_groups = [k.split("/", 1)[1] for k in sorted(m)
