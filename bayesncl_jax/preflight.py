@@ -33,7 +33,9 @@ def check_writable(path, what: str, flag: str) -> None:
   """
   path = epath.Path(path)
   target = path
-  while not target.exists() and target.parent != target:
+  # Object stores (gs://) have no folders to walk up: probe in place.
+  while ("://" not in os.fspath(path) and not target.exists()
+         and target.parent != target):
     target = target.parent
   if target.exists() and not target.is_dir():
     raise NotWritableError(
@@ -43,8 +45,8 @@ def check_writable(path, what: str, flag: str) -> None:
   try:
     probe.write_text("")
     probe.unlink()
-  except OSError as e:
-    reason = e.strerror or type(e).__name__
+  except Exception as e:  # OSError locally; storage clients raise others.
+    reason = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
     raise NotWritableError(
         f"The {what} {path} is not writable ({reason} in {target}); "
         "nothing was computed. Make it writable, or choose another "

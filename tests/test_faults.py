@@ -424,6 +424,15 @@ def test_read_only_workdir_fails_before_step_1(stopped):
   assert snapshot(stopped) == before
 
 
+def test_output_under_a_file_is_reported(tmp_path):
+  (tmp_path / "file").write_text("")
+  with pytest.raises(preflight.NotWritableError, match="is a file"):
+    preflight.check_writable(tmp_path / "file" / "run", "workdir",
+                             "--workdir")
+  preflight.check_writable(tmp_path / "new" / "run", "workdir", "--workdir")
+  assert list(tmp_path.iterdir()) == [tmp_path / "file"]  # nothing created
+
+
 def test_evaluate_checks_before_computing(finished, tmp_path, monkeypatch):
   workdir = tmp_path / "run"
   shutil.copytree(finished, workdir)
