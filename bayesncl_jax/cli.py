@@ -1,19 +1,277 @@
-"""Shared command-line conveniences of the entry points."""
-import logging as py_logging
+"""Shared command-line conveniences of the entry points.
 
+`run(main)` replaces `app.run(main)`: errors a user can fix (a bad config
+field, missing data, a corrupt checkpoint, a full disk, a read-only folder,
+...) end in one short paragraph on stderr — what is wrong, how to fix it —
+and exit status 2, instead of a traceback. `--verbose` (or the environment
+variable BAYESNCL_VERBOSE=1) shows the traceback as well.
+"""
+from __future__ import annotations
+
+import difflib
+import errno
+import logging as py_logging
+import os
+import re
+import sys
+import textwrap
+from typing import Any, Callable, Sequence
+
+from absl import app
+from absl import flags
 from absl import logging
+
+EXIT_USER_ERROR = 2
+VERBOSE_ENV = "BAYESNCL_VERBOSE"
+_HINT = f"(--verbose or {VERBOSE_ENV}=1 shows the traceback.)"
+
+
+def verbose() -> bool:
+  """--verbose on the command line or BAYESNCL_VERBOSE=1 in the env."""
+  if os.environ.get(VERBOSE_ENV, "").lower() in ("1", "true", "yes"):
+    return True
+  if "verbose" in flags.FLAGS and flags.FLAGS.is_parsed():
+    return bool(flags.FLAGS.verbose)
+  return "--verbose" in sys.argv
 
 
 class _QuietLibraries(py_logging.Filter):
-  """Drops INFO chatter of Orbax/Grain/TFDS; their warnings still show."""
+  """Keeps the console readable.
+
+  Drops INFO chatter of Orbax/Grain/TFDS (their warnings still show) and
+  JAX's probe of absent accelerators ("Unable to initialize backend 'tpu'"
+  on a CPU or GPU machine); Orbax logs each failed background write with a
+  full traceback: the one-line message stays, the traceback only with
+  --verbose.
+  """
   _NOISY = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/etils/")
 
   def filter(self, record):
-    return record.levelno >= py_logging.WARNING or not any(
-        part in record.pathname for part in self._NOISY)
+    if (record.levelno < py_logging.WARNING
+        and "Unable to initialize backend" in str(record.msg)):
+      return False
+    noisy = any(part in record.pathname for part in self._NOISY)
+    if noisy and record.exc_info and "/orbax/" in record.pathname \
+        and not verbose():
+      record.exc_info, record.exc_text = None, None
+    return record.levelno >= py_logging.WARNING or not noisy
 
 
 def quiet_library_logs() -> None:
   """Keeps the console readable (progress bar, our own logs) at INFO."""
   if logging.get_verbosity() <= logging.INFO:
     logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def _quiet_excepthook(previous):
+  """After a failed asynchronous save, TensorStore's completion callbacks
+  reach Orbax's closed event loop and each prints a traceback ("Event loop
+  is closed"); the failure itself is reported once, by the caller."""
+  def hook(kind, value, tb):
+    if (issubclass(kind, RuntimeError) and "Event loop is closed" in
+        str(value) and not verbose()):
+      return
+    previous(kind, value, tb)
+  return hook
+
+
+# ----------------------------------------------------------------------------
+# Errors -> one paragraph.
+# ----------------------------------------------------------------------------
+# The project's own errors, by name: a module run as a program (`python -m
+# bayesncl_jax.evaluate`) defines its classes a second time, as __main__.X.
+PROJECT_ERRORS = frozenset({
+    "ConfigError", "DatasetNotFoundError", "CheckpointError", "DiskFullError",
+    "NonFiniteLossError", "EvaluationError", "PreflightError",
+    "ConfigChangedError"})
+
+
+def is_project_error(e: BaseException) -> bool:
+  return any(cls.__name__ in PROJECT_ERRORS and (
+      cls.__module__ == "__main__" or cls.__module__.startswith("bayesncl_jax"))
+             for cls in type(e).__mro__)
+
+
+def explain(e: BaseException) -> str | None:
+  """One paragraph for an error the user can fix; None for a bug."""
+  from bayesncl_jax import integrity  # pylint: disable=g-import-not-at-top
+  if isinstance(e, integrity.DiskFullError):
+    return e.strerror
+  if is_project_error(e):
+    return str(e)
+  if integrity.is_disk_full(e):
+    where = getattr(e, "filename", None)
+    return ("The disk is full (no space left on the device"
+            + (f" while writing {where}" if where else "") + "). Free space "
+            "on it and re-run the same command: training resumes from its "
+            "newest checkpoint.")
+  if not isinstance(e, OSError):
+    return None
+  name = e.filename or "a file"
+  if isinstance(e, PermissionError) or e.errno in (errno.EACCES, errno.EPERM,
+                                                   errno.EROFS):
+    return (f"Cannot access {name}: {e.strerror}. Make it writable (or "
+            "readable), or choose another path (--workdir, --out_dir, "
+            "--config.dataset.data_dir).")
+  if isinstance(e, FileNotFoundError):
+    if e.filename is None:
+      return str(e)
+    return (f"No such file or directory: {name}. Check the path (--workdir, "
+            "--config, --config.dataset.data_dir).")
+  if isinstance(e, (NotADirectoryError, IsADirectoryError)):
+    return f"{e.strerror}: {name}. Check the path."
+  return None
+
+
+def _fail(message: str | None, e: BaseException):
+  if message is None or verbose():
+    raise e
+  text = "\n".join(textwrap.fill(p, 79, break_long_words=False,
+                                 break_on_hyphens=False)
+                   if len(p) > 79 and not p.startswith("  ") else p
+                   for p in f"error: {message}".split("\n"))
+  print(f"{text}\n{_HINT}", file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR)
+
+
+# ----------------------------------------------------------------------------
+# Config flags: a missing file, unknown fields.
+# ----------------------------------------------------------------------------
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+  for i, arg in enumerate(argv):
+    m = re.match(rf"^--?{name}(=(.*))?$", arg)
+    if m:
+      if m.group(1) is not None:
+        return m.group(2)
+      return argv[i + 1] if i + 1 < len(argv) else None
+  return None
+
+
+def _split_spec(spec: str) -> tuple[str, str | None]:
+  path, _, arg = spec.partition(":")
+  return path, (arg or None)
+
+
+def _missing_config_file(argv, config_flag: str) -> str | None:
+  spec = _flag_value(argv, config_flag)
+  if not spec:
+    return None
+  path, _ = _split_spec(spec)
+  if os.path.exists(path):
+    return None
+  folder = os.path.dirname(path) or "."
+  if not os.path.isdir(folder):
+    folder = "configs"
+  known = sorted(f for f in os.listdir(folder) if f.endswith(".py")
+                 and not f.startswith("_")) if os.path.isdir(folder) else []
+  choices = (f" Config files in {folder}/: {', '.join(known)}." if known
+             else "")
+  return (f"Config file {path!r} not found (paths are relative to "
+          f"{os.getcwd()}).{choices} Example: "
+          f"--{config_flag}=configs/fashion_mnist.py:method=ncl")
+
+
+def config_fields(config) -> list[str]:
+  """Every dotted field path of a ConfigDict (leaves and sub-configs)."""
+  out = []
+  for key, value in config.items():
+    out.append(key)
+    if hasattr(value, "items") and not isinstance(value, dict):
+      out += [f"{key}.{sub}" for sub in config_fields(value)]
+  return out
+
+
+def suggest_fields(field: str, fields: Sequence[str], n: int = 3
+                   ) -> list[str]:
+  """Closest known fields to an unknown `field` (same last name first)."""
+  last = field.rsplit(".", 1)[-1]
+  same_name = [f for f in fields if f.rsplit(".", 1)[-1] == last]
+  close = difflib.get_close_matches(field, fields, n=n, cutoff=0.8)
+  by_last: dict[str, list[str]] = {}
+  for f in fields:
+    by_last.setdefault(f.rsplit(".", 1)[-1], []).append(f)
+  close_last = [f for x in difflib.get_close_matches(last, list(by_last), n=n,
+                                                     cutoff=0.75)
+                for f in by_last[x]]
+  return list(dict.fromkeys(same_name + close + close_last))[:n]
+
+
+def _unknown_overrides(argv, config_flag: str) -> str | None:
+  spec = _flag_value(argv, config_flag)
+  if not spec:
+    return None
+  from bayesncl_jax import config_lib  # pylint: disable=g-import-not-at-top
+  path, arg = _split_spec(spec)
+  try:
+    config = config_lib.load_file(path, arg)
+  except config_lib.ConfigError as e:
+    return str(e)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  fields = config_fields(config)
+  problems = []
+  for a in argv:
+    m = re.match(rf"^--?(?:no)?{config_flag}\.([^=]+)", a)
+    if not m or m.group(1) in fields:
+      continue
+    field = m.group(1)
+    hints = suggest_fields(field, fields)
+    hint = (" (did you mean " + " or ".join(f"{config_flag}.{h}"
+                                            for h in hints) + "?)"
+            if hints else "")
+    problems.append(f"--{config_flag}.{field}{hint}")
+  if not problems:
+    return None
+  return (f"Unknown config field(s): {'; '.join(problems)}. The fields are "
+          f"defined in bayesncl_jax/config_lib.py (base_config) and {path}.")
+
+
+def _parse_flags(argv, config_flag: str | None):
+  if config_flag:
+    message = _missing_config_file(argv, config_flag)
+    if message:
+      _fail(message, FileNotFoundError(message))
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    # A bad value (--config.optim.total_steps=abc) or an error raised by the
+    # config file itself (configs/x.py:foo=1): ours if we can say more.
+    message = _unknown_overrides(argv, config_flag) if config_flag else None
+    if message is None or verbose():
+      # What app.parse_flags_with_usage does.
+      print(f"FATAL Flags parsing error: {e}\nPass --helpshort or "
+            "--helpfull to see help on flags.", file=sys.stderr)
+      sys.exit(1)
+    _fail(message, e)
+  except Exception as e:  # pylint: disable=broad-except
+    # Unknown --config.* fields surface as AttributeError/KeyError.
+    message = (_unknown_overrides(argv, config_flag) if config_flag
+               else None) or explain(e)
+    _fail(message, e)
+
+
+# ----------------------------------------------------------------------------
+# Entry point.
+# ----------------------------------------------------------------------------
+def run(main: Callable[[list[str]], Any], *,
+        config_flag: str | None = None) -> None:
+  """`app.run(main)` with user errors as messages (exit 2), not tracebacks.
+
+  config_flag: the name of the ml_collections config flag, if any: a
+  missing config file and unknown `--config.*` fields are reported with
+  the closest field names.
+  """
+  sys.excepthook = _quiet_excepthook(sys.excepthook)
+  if "verbose" not in flags.FLAGS:
+    flags.DEFINE_bool("verbose", False, "Show the traceback of errors "
+                      f"(also: {VERBOSE_ENV}=1).")
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except (app.UsageError, SystemExit, KeyboardInterrupt):
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      _fail(explain(e), e)
+
+  app.run(guarded, flags_parser=lambda argv: _parse_flags(argv, config_flag))

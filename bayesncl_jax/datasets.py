@@ -359,10 +359,17 @@ def _fashion_mnist_source(split: str, data_dir: str):
   if all(present):
     logging.info("Fashion-MNIST %s: IDX files in %s.", split, idx_dir)
     return load_fashion_mnist_idx(idx_dir, split)
-  if any(present):
+  others = [paths.join(idx_dir, f) for s, files in
+            _FASHION_MNIST_FILES.items() if s != split for f in files]
+  if any(present) or any(paths.exists(p) for p in others):
+    # A folder of IDX files that lacks this split's: not a TFDS dir.
     missing = [p for p, ok in zip(files, present) if not ok]
-    raise DatasetNotFoundError(f"Fashion-MNIST IDX file(s) missing: "
-                               f"{', '.join(missing)}.")
+    raise DatasetNotFoundError(
+        f"Fashion-MNIST {split} split: IDX file(s) missing: "
+        f"{', '.join(missing)}. {idx_dir} holds other Fashion-MNIST files; "
+        "put all four *-ubyte.gz files there (`apt-get install "
+        f"dataset-fashion-mnist` installs them in {FASHION_MNIST_DEBIAN_DIR}"
+        "), or point --config.dataset.data_dir at a folder that has them.")
   return TfdsImageSource(_tfds_data_source(
       "fashion_mnist", split, data_dir,
       how_to_get=(

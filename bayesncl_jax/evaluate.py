@@ -36,19 +36,17 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from typing import Any
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 import numpy as np
 from etils import epath
 
 from bayesncl_jax import cli
-from bayesncl_jax import config_lib
+from bayesncl_jax import preflight
 from bayesncl_jax import train
 from bayesncl_jax.evaluators import base
 from bayesncl_jax.evaluators import feature_selection as feature_selection_lib
@@ -71,6 +69,8 @@ EVALUATORS = {e.name: e for e in (
     pictures.PicturesEvaluator, mechanism.MechanismEvaluator,
     finetune.FinetuneEvaluator)}
 ALL_PROTOCOLS = tuple(EVALUATORS)
+# Protocols that read the train split (checked to exist before any work).
+_NEEDS_TRAIN = ("linear", "knn", "feature_selection", "finetune", "mechanism")
 DEFAULT_PROTOCOLS = base.DEFAULT_PROTOCOLS
 
 # Re-exported: the public names of this module before the protocols moved
@@ -173,7 +173,9 @@ def evaluate(workdir: str, options: EvalOptions = EvalOptions(), *,
 
   Returns the report (the content of report.json).
   """
-  _check_protocols(options.protocols)
+  protocols = tuple(base.PROTOCOL_ALIASES.get(p, p) for p in options.protocols)
+  preflight.check_evaluation(workdir, train.load_config(workdir), protocols,
+                             ALL_PROTOCOLS, _NEEDS_TRAIN, options.out_dir)
   t0 = time.time()
   setup, state = load_state(workdir, options.step, mesh)
   config = setup.config
@@ -214,14 +216,6 @@ def evaluate(workdir: str, options: EvalOptions = EvalOptions(), *,
     ctx.write_text("report.json", json.dumps(report, indent=2))
     ctx.write_text("report.md", report_markdown(report))
   return report
-
-
-def _check_protocols(protocols) -> None:
-  names = [base.PROTOCOL_ALIASES.get(p, p) for p in protocols]
-  unknown = set(names) - set(ALL_PROTOCOLS)
-  if unknown or not names:
-    raise ValueError(f"protocols must be a non-empty subset of "
-                     f"{ALL_PROTOCOLS}, got {tuple(protocols)}")
 
 
 # ----------------------------------------------------------------------------
@@ -501,12 +495,7 @@ def main(argv):
   cli.quiet_library_logs()
   from bayesncl_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize_from_flags()
-  try:
-    report = evaluate(FLAGS.workdir, options_from_flags())
-  except (FileNotFoundError, EvaluationError, train.CheckpointError,
-          config_lib.ConfigError) as e:
-    logging.error("%s", e)
-    sys.exit(f"error: {e}")
+  report = evaluate(FLAGS.workdir, options_from_flags())
   if jax.process_index() == 0:
     out_dir = FLAGS.out_dir or epath.Path(FLAGS.workdir) / "eval"
     print(report_markdown(report), flush=True)
@@ -515,4 +504,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -4,7 +4,11 @@ r"""Pre-training entry point.
 
 Any config field can be overridden (`--config.optim.total_steps=100`) and
 `configs/<name>.py:method=cl|ncl|bayesncl` selects the method. A workdir that
-holds a checkpoint is resumed automatically.
+holds a checkpoint is resumed automatically, under the config it was started
+with: a change that alters the result is refused unless
+--allow_config_change (recorded in WORKDIR/run_history.jsonl). Re-running a
+finished run changes nothing. Errors a user can fix end in a message and
+exit status 2 (--verbose shows the traceback).
 
 Multi-process: on Cloud TPU pods every worker runs the same command and JAX
 finds its peers itself; on GPU clusters pass --coordinator_address,
@@ -40,6 +44,9 @@ flags.DEFINE_string("workdir", None, "Checkpoints, metrics and summaries go "
 flags.DEFINE_integer("debug_kill_after_step", None, "Fault injection for "
                      "resume tests: SIGKILL the process right after the "
                      "checkpoint of this step is written.")
+flags.DEFINE_bool("allow_config_change", False, "Resume a run under a config "
+                  "that changes its result (e.g. more steps); the change is "
+                  "recorded in WORKDIR/run_history.jsonl.")
 distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -56,17 +63,23 @@ def main(argv):
   try:
     summary = train.train_and_evaluate(
         FLAGS.config, FLAGS.workdir,
-        kill_after_step=FLAGS.debug_kill_after_step)
+        kill_after_step=FLAGS.debug_kill_after_step,
+        allow_config_change=FLAGS.allow_config_change)
   except paths.PathError as e:  # a bad --workdir / data_dir: no traceback.
     logging.error("%s", e)
     sys.exit(f"error: {e}")
   if jax.process_index() == 0:
-    print(train.format_summary(summary), flush=True)
-  if summary["preempted"]:
+    if summary.get("already_finished"):
+      print(f"{FLAGS.workdir} already finished its {summary['step']} steps; "
+            "nothing was changed (to train it longer, raise "
+            "--config.optim.total_steps with --allow_config_change).",
+            flush=True)
+    print(train.format_summary(summary, FLAGS.workdir), flush=True)
+  if summary.get("preempted"):
     logging.warning("Preempted at step %d; the checkpoint is saved. Rerun the "
                     "same command to resume.", summary["step"])
     sys.exit(train.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, config_flag="config")

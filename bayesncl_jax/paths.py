@@ -298,9 +298,11 @@ class TensorBoardWriter:
   step loses none. One new event file per writer, as TensorBoard expects.
   """
 
-  def __init__(self, logdir: PathLike):
+  def __init__(self, logdir: PathLike, purge_step: int | None = None):
+    """purge_step: TensorBoard hides the events of steps >= it (a resume)."""
     # pylint: disable=g-import-not-at-top
     from tensorboardX import record_writer
+    from tensorboardX.proto import event_pb2
     from tensorboardX.event_file_writer import EventsWriter
     # pylint: enable=g-import-not-at-top
     logdir = ensure_dir(logdir)
@@ -309,6 +311,11 @@ class TensorBoardWriter:
         record_writer.register_writer_factory(scheme.rstrip(":/"),
                                               _RemoteRecordWriterFactory())
     self._events = EventsWriter(join(logdir, "events"))
+    if purge_step is not None:  # what tensorboardX's SummaryWriter writes.
+      self._events.write_event(event_pb2.Event(
+          wall_time=time.time(), step=int(purge_step),
+          session_log=event_pb2.SessionLog(
+              status=event_pb2.SessionLog.START)))
 
   def add_scalar(self, tag: str, value: float, step: int) -> None:
     # pylint: disable=g-import-not-at-top
@@ -326,6 +333,7 @@ class TensorBoardWriter:
     self._events.close()
 
 
-def tensorboard_writer(logdir: PathLike) -> TensorBoardWriter:
+def tensorboard_writer(logdir: PathLike, purge_step: int | None = None
+                       ) -> TensorBoardWriter:
   """A `TensorBoardWriter` (add_scalar, flush, close) for `logdir`."""
-  return TensorBoardWriter(logdir)
+  return TensorBoardWriter(logdir, purge_step)

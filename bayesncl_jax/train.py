@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import signal
 import time
 from typing import Any, Callable
@@ -29,10 +30,13 @@ from bayesncl_jax import augment
 from bayesncl_jax import config_lib
 from bayesncl_jax import datasets
 from bayesncl_jax import input_pipeline
+from bayesncl_jax import integrity
 from bayesncl_jax import losses
 from bayesncl_jax import models
 from bayesncl_jax import optim
 from bayesncl_jax import paths
+from bayesncl_jax import preflight
+from bayesncl_jax import run_record
 from bayesncl_jax import sharding
 
 
@@ -48,8 +52,7 @@ class NonFiniteLossError(FloatingPointError):
   """The loss or the gradients became NaN/Inf."""
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint in the workdir cannot be restored into this run."""
+CheckpointError = integrity.CheckpointError
 
 
 @dataclasses.dataclass
@@ -179,6 +182,8 @@ def make_update_fn(config, model, tx, row_sharding=None):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = _tree_norm(grads)
+    for group, sub in grads.items():  # backbone, projector, ...: NaN guard.
+      metrics[f"grad_norm/{group}"] = _tree_norm(sub)
     metrics["param_norm"] = _tree_norm(params)
     new_state = TrainState(step=state.step + 1, params=params,
                            batch_stats=batch_stats, opt_state=opt_state)
@@ -242,24 +247,37 @@ def save_checkpoint(mngr, state: TrainState, data_iter, *, force=False):
 
 
 def restore_checkpoint(mngr, setup: Setup, data_iter, step=None,
-                       restore_data=True) -> TrainState:
+                       restore_data=True, verify=True) -> TrainState:
   """Restores the state (into the current sharding) and the data position.
 
   The data position is the global batch count, so a checkpoint written by
-  any number of processes and devices resumes on any other.
+  any number of processes and devices resumes on any other. With `verify`,
+  the files are first checked against the checkpoint's manifest
+  (`integrity`).
 
-  Any failure — a truncated file, a config whose shapes differ — becomes a
-  CheckpointError naming the directory and what to do; never a silent
-  fresh start over the user's run.
+  Any failure — changed bytes, a truncated file, a config whose shapes
+  differ — becomes a CheckpointError naming the directory and what to do;
+  never a silent fresh start over the user's run.
   """
   step = mngr.latest_step() if step is None else step
+  ckpt_dir = epath.Path(mngr.directory)
+  if verify:
+    status, detail = integrity.verify(ckpt_dir, step)
+    if status == "corrupt":
+      others = [s for s in mngr.all_steps() if s != step]
+      raise CheckpointError(
+          f"The checkpoint of step {step} in {ckpt_dir} is corrupt: {detail}"
+          ". Its files changed after it was saved; nothing was restored. "
+          + (f"Other checkpoints: steps {sorted(others)} (evaluate one with "
+             "--step=N; a training run falls back to the newest intact one "
+             "by itself)." if others else "It is the only checkpoint."))
   target = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       setup.abstract_state, setup.state_sharding)
   items = {"state": ocp.args.StandardRestore(target)}
   # Checkpoints written with grain.checkpoint.CheckpointSave (before the data
   # position became global) hold one identical process_i-of-N.json each.
-  legacy = sorted((epath.Path(mngr.directory) / str(step) / "data")
+  legacy = sorted((ckpt_dir / str(step) / "data")
                   .glob("process_*-of-*.json")) if restore_data else []
   if restore_data and not legacy:
     items["data"] = ocp.args.JsonRestore()
@@ -270,12 +288,11 @@ def restore_checkpoint(mngr, setup: Setup, data_iter, step=None,
                           else restored["data"])
   except Exception as e:  # Orbax raises many types; all mean the same here.
     raise CheckpointError(
-        f"Could not restore the checkpoint at step {step} in "
-        f"{mngr.directory}: {type(e).__name__}: {e}\n"
-        "It is corrupt or was written by an incompatible config (model "
-        "sizes, method, optimizer). Use a new --workdir, restore the "
-        "original config, or delete that step's folder to fall back to an "
-        "older checkpoint.") from e
+        f"Could not restore the checkpoint of step {step} in {ckpt_dir}: "
+        f"{type(e).__name__}: {e}\nEither it does not fit this config (other "
+        "model sizes, method or optimizer than the run was trained with: "
+        f"use its config, {ckpt_dir.parent / 'config.json'}, or a new "
+        "--workdir for a new config) or it is corrupt.") from e
   return restored["state"]
 
 
@@ -288,13 +305,15 @@ class MetricWriter:
   Local or gs:// (`paths`): on a bucket both are rewritten at each flush.
   """
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, purge_step: int | None = None):
+    """purge_step: TensorBoard hides events of steps >= it (a resume)."""
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
     paths.ensure_dir(workdir)
     self._jsonl = paths.Appender(paths.join(workdir, "metrics.jsonl"))
-    self._tb = paths.tensorboard_writer(paths.join(workdir, "tensorboard"))
+    self._tb = paths.tensorboard_writer(paths.join(workdir, "tensorboard"),
+                                        purge_step=purge_step)
 
   def write(self, step: int, scalars: dict[str, float]):
     if not self.enabled:
@@ -316,24 +335,69 @@ def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
   return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
-def _check_finite(pending, first_step: int):
-  """Raises NonFiniteLossError at the first step whose loss/grads are bad."""
+_LOSS_TERMS = ("nce", "online_ce", "kl")
+
+
+def _nonfinite_groups(tree) -> list[str]:
+  """Top-level parameter groups (backbone, projector, ...) holding NaN/Inf."""
+  host = jax.device_get(tree)
+  return [k for k, v in host.items()
+          if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(v))]
+
+
+def _check_finite(pending, first_step: int, state: TrainState, config,
+                  kept_steps: Callable[[], list[int]], ckpt_dir: str):
+  """Raises NonFiniteLossError naming the first step whose loss/grads are bad.
+
+  `pending` holds the metrics of steps first_step + 1, first_step + 2, ...;
+  `state` is the state after the last of them. The message names the step,
+  the loss terms and the parameter groups (gradients at that step,
+  parameters now) that are not finite, and the checkpoint kept.
+  """
   host = jax.device_get([(m["loss"], m["grad_norm"]) for m in pending])
   for i, (loss, gnorm) in enumerate(host):
-    if not (np.isfinite(loss) and np.isfinite(gnorm)):
-      raise NonFiniteLossError(
-          f"Non-finite loss ({loss}) or gradient norm ({gnorm}) at step "
-          f"{first_step + i}. The run stopped; the last checkpoint saved "
-          "before it is kept. Lower the learning rate "
-          "(--config.optim.base_lr), check the input data, or use "
-          "--config.model.dtype=float32.")
-
-
-def save_config(workdir, config):
-  if jax.process_index() == 0:
-    paths.ensure_dir(workdir)
-    paths.write_text(paths.join(workdir, "config.json"),
-                     config.to_json_best_effort(indent=2))
+    if np.isfinite(loss) and np.isfinite(gnorm):
+      continue
+    m = jax.device_get(pending[i])
+    bad_step = first_step + i + 1
+    terms = [t for t in _LOSS_TERMS if t in m and not np.isfinite(m[t])]
+    grad_groups = [k.split("/", 1)[1] for k in sorted(m)
+                   if k.startswith("grad_norm/") and not np.isfinite(m[k])]
+    param_groups = _nonfinite_groups(state.params)
+    last = first_step + len(host)
+    what = (f"loss term(s) {', '.join(terms)} (total loss {m['loss']})"
+            if terms else f"the total loss ({m['loss']})" if not
+            np.isfinite(m["loss"]) else "no loss term (the loss is finite)")
+    lines = [f"Training diverged: the first non-finite step is step "
+             f"{bad_step}. Non-finite: {what}; gradients of "
+             f"{', '.join(grad_groups) or 'no parameter group'}; parameters "
+             f"after step {last} in "
+             f"{', '.join(param_groups) or 'no parameter group'}."]
+    kept = [s for s in kept_steps() if s < bad_step]
+    if kept:
+      lines.append(f"The newest checkpoint kept is step {kept[-1]} "
+                   f"({ckpt_dir}/{kept[-1]}); nothing after step "
+                   f"{bad_step - 1} was saved.")
+    else:
+      lines.append("No checkpoint was saved before it (config.ckpt_every="
+                   f"{config.ckpt_every}): a re-run starts from step 0.")
+    fixes = []
+    if "kl" in terms:
+      fixes.append("the gate's KL term: check --config.gate.prior_prob / "
+                   "gate.temperature / gate.kl_weight")
+    if set(grad_groups) & {"backbone", "projector", "gate_head"}:
+      fixes.append(f"a lower learning rate (--config.optim.base_lr, now "
+                   f"{config.optim.base_lr}) or a longer warm-up")
+    if "classifier" in grad_groups or "online_ce" in terms:
+      fixes.append("a lower online-classifier rate (--config.optim."
+                   f"classifier_lr, now {config.optim.classifier_lr})")
+    if config.model.dtype != "float32":
+      fixes.append("--config.model.dtype=float32")
+    fixes.append("checking the input data")
+    lines.append("Try " + "; ".join(fixes) + ". A changed learning rate "
+                 "on a resumed run needs --allow_config_change (recorded) or "
+                 "a new --workdir.")
+    raise NonFiniteLossError(" ".join(lines))
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:
@@ -465,38 +529,64 @@ def _progress(total, initial, enabled):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       *, mesh=None, kill_after_step: int | None = None
+                       *, mesh=None, kill_after_step: int | None = None,
+                       allow_config_change: bool = False
                        ) -> dict[str, Any]:
   """Pre-trains (resuming from `workdir` if it holds a checkpoint).
 
   Returns the final summary: last logged training metrics, test-split
-  online accuracy/sparsity, steps, throughput. `kill_after_step` is fault
-  injection for the resume tests: SIGKILL this process once the checkpoint
-  of that step is on disk, as a preempted machine would die.
+  online accuracy/sparsity, steps, throughput, training time summed over
+  the run's segments. A run that already finished is not touched: its
+  summary comes back with "already_finished": True.
+
+  A workdir keeps one run (`run_record`): resuming under a config that
+  changes the result raises ConfigChangedError unless
+  `allow_config_change`, which records the change. Before the first step
+  the data splits and the workdir are checked (`preflight`); the newest
+  intact checkpoint is restored (`integrity`).
+
+  `kill_after_step` is fault injection for the resume tests: SIGKILL this
+  process once the checkpoint of that step is on disk, as a preempted
+  machine would die.
   """
   setup = build(config, mesh)
   mesh = setup.mesh
   workdir = paths.ensure_dir(workdir)
+  total = setup.total_steps
+  record = run_record.RunRecord(workdir)
+  diff = record.check_config(config, allow_change=allow_config_change)
+  finished = record.finished_summary(total)
+  if finished is not None:
+    logging.info("%s already finished at step %d; nothing to do.", workdir,
+                 total)
+    return {**finished, "already_finished": True}
+  preflight.check_training(config, workdir)
   mngr = checkpoint_manager(workdir, config)
   data_iter = input_pipeline.create_pretrain_iterator(config)
   rng = jax.random.key(config.seed)
   rng_init, rng_train = jax.random.split(rng)
 
+  fallback, prior_seconds = [], 0.0
   if mngr.latest_step() is not None:
-    state = restore_checkpoint(mngr, setup, data_iter)
+    state, restored_step, fallback = integrity.restore_newest_intact(
+        mngr, workdir, lambda s: restore_checkpoint(mngr, setup, data_iter,
+                                                    step=s, verify=False))
+    prior_seconds = integrity.prior_train_seconds(mngr.directory,
+                                                  restored_step) or 0.0
     logging.info("Resumed from %s at step %d.", mngr.directory,
                  int(state.step))
   else:
     state = init_state(setup, rng_init)
-  save_config(workdir, config)
   start = int(jax.device_get(state.step))
-  total = setup.total_steps
+  record.begin(config, step=start, diff=diff, resumed=start > 0,
+               fallback=fallback)
   train_step = make_train_step(setup)
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, purge_step=start + 1)
+  sealer = integrity.Sealer(mngr, workdir)
   bar = _progress(total, start, config.progress_bar)
   global_batch = config.optim.batch_size
   pending, pending_start = [], start
-  last_scalars: dict[str, float] = {}
+  last_scalars: dict[str, float] = record.logged_row(start)
   t_start = t_log = time.time()
   preempted = False
   try:
@@ -510,7 +600,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         ckpt_now = done % config.ckpt_every == 0 or done == total
         preempted = preemption.reached(done)
         if log_now or ckpt_now or preempted:
-          _check_finite(pending, pending_start)
+          _check_finite(pending, pending_start, state, config,
+                        lambda: _kept_steps(sealer), mngr.directory)
           now = time.time()
           scalars = _mean_metrics(pending)
           scalars["images_per_sec"] = global_batch * len(pending) / max(
@@ -527,21 +618,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                             refresh=False)
           pending, pending_start, t_log = [], done, now
         if ckpt_now or preempted:
-          save_checkpoint(mngr, state, data_iter, force=preempted)
+          with sealer.saving(done, prior_seconds + time.time() - t_start):
+            save_checkpoint(mngr, state, data_iter, force=preempted)
         if kill_after_step == done:
-          mngr.wait_until_finished()
+          sealer.finish()
           os.kill(os.getpid(), signal.SIGKILL)
         if preempted:
           break
+  except BaseException:
+    sealer.finish_quietly()
+    raise
   finally:
-    mngr.wait_until_finished()
     if bar is not None:
       bar.close()
     writer.close()
+  sealer.finish()
   elapsed = time.time() - t_start
   summary = {"method": config.method, "step": int(jax.device_get(state.step)),
              "total_steps": total, "preempted": preempted,
-             "train_seconds": elapsed,
+             "train_seconds": prior_seconds + elapsed,
+             "segment_seconds": elapsed,
              **{f"train_{k}": v for k, v in last_scalars.items()}}
   if not preempted:
     summary.update(online_eval(setup, state))
@@ -549,13 +645,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mngr.close()
   if jax.process_index() == 0:
     paths.write_json(paths.join(workdir, "summary.json"), summary)
+  record.end(summary)
   return summary
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-  """The one-screen end-of-run summary."""
+def _kept_steps(sealer) -> list[int]:
+  sealer.finish_quietly()
+  return integrity.committed_steps(sealer.ckpt_dir)
+
+
+def format_summary(summary: dict[str, Any], workdir: str | None = None
+                   ) -> str:
+  """The one-screen end-of-run summary (and, given `workdir`, next steps)."""
   keys = [("method", "method"), ("step", "steps"),
-          ("train_seconds", "wall time (s)"),
+          ("train_seconds", "train time (s)"),
           ("train_loss", "train loss"), ("train_nce", "NT-Xent"),
           ("train_kl", "gate KL"), ("train_online_acc", "online acc (train)"),
           ("test_online_acc", "online linear acc (test)"),
@@ -569,6 +672,15 @@ def format_summary(summary: dict[str, Any]) -> str:
       v = f"{v:.4f}" if isinstance(v, float) else str(v)
       lines.append(f" {label:<28}{v:>15}")
   lines.append("=" * 44)
+  if summary.get("preempted"):
+    lines.append(f" preempted at step {summary.get('step')}: re-run the same "
+                 "command to resume.")
+  elif workdir is not None:
+    wd = shlex.quote(os.fspath(workdir))
+    tb = shlex.quote(paths.join(workdir, "tensorboard"))
+    lines += [" Next: evaluate the representation, look at the curves:",
+              f"   python -m bayesncl_jax.evaluate --workdir={wd}",
+              f"   tensorboard --logdir={tb}"]
   return "\n".join(lines)
 
 

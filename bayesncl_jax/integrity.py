@@ -1,0 +1,371 @@
+"""Checkpoint integrity: checksums, verification, fallback, full disks.
+
+Orbax writes a checkpoint into a temporary folder and renames it when the
+save commits, so a crash mid-save never leaves a half-written step folder.
+It does not notice bytes that change afterwards (a bad disk, a careless
+copy, a tool that edits files): such a checkpoint restores "successfully"
+into garbage. So once a save has committed, process 0 writes a manifest
+beside the step folder,
+
+    checkpoints/<step>.manifest.json = {"step", "files": {relative path:
+        {"size", "sha256"}}, "train_seconds"}
+
+and a restore first checks the files against it. A manifest is written
+when the next save starts (Orbax waits for the previous save there anyway)
+or when the run ends, so the newest checkpoint of a killed run may have
+none yet: it is then restored unverified, as a checkpoint written before
+manifests existed is.
+
+`train_seconds` is the training time up to that checkpoint, summed over
+the run's segments: a resumed run continues the count from it.
+
+A corrupt checkpoint is never deleted. When an older intact one exists the
+run resumes from it and the corrupt folder is moved to
+`<workdir>/corrupt_checkpoints/` (Orbax could not save that step again
+while its folder is in the way); when none is intact, nothing is changed
+and the error says so.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import time
+from typing import Any, Iterable
+
+from absl import logging
+from etils import epath
+import jax
+
+MANIFEST_SUFFIX = ".manifest.json"
+QUARANTINE_DIR = "corrupt_checkpoints"
+_CHUNK = 1 << 22
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint in the workdir cannot be restored into this run."""
+
+
+class DiskFullError(OSError):
+  """No space left on the device while saving; earlier checkpoints kept."""
+
+
+# ----------------------------------------------------------------------------
+# Manifests.
+# ----------------------------------------------------------------------------
+def step_dir(ckpt_dir, step: int) -> epath.Path:
+  return epath.Path(ckpt_dir) / str(step)
+
+
+def manifest_path(ckpt_dir, step: int) -> epath.Path:
+  return epath.Path(ckpt_dir) / f"{step}{MANIFEST_SUFFIX}"
+
+
+def _files(folder: epath.Path) -> list[epath.Path]:
+  out = []
+  for path in folder.iterdir():  # (epath has no recursive glob on GCS)
+    out += _files(path) if path.is_dir() else [path]
+  return sorted(out, key=str)
+
+
+def _sha256(path: epath.Path) -> str:
+  digest = hashlib.sha256()
+  with path.open("rb") as f:
+    while chunk := f.read(_CHUNK):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def fingerprint(folder) -> dict[str, dict[str, Any]]:
+  """{relative path: {"size", "sha256"}} of every file under `folder`."""
+  folder = epath.Path(folder)
+  out = {}
+  for path in _files(folder):
+    rel = str(path.relative_to(folder))
+    out[rel] = {"size": path.stat().length, "sha256": _sha256(path)}
+  return out
+
+
+def write_manifest(ckpt_dir, step: int, **extra) -> epath.Path:
+  """Checksums the committed step folder into `<step>.manifest.json`."""
+  record = {"step": int(step), "files": fingerprint(step_dir(ckpt_dir, step)),
+            "sealed": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+  path = manifest_path(ckpt_dir, step)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(json.dumps(record, indent=1))
+  tmp.replace(path)
+  return path
+
+
+def read_manifest(ckpt_dir, step: int) -> dict[str, Any] | None:
+  path = manifest_path(ckpt_dir, step)
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except (ValueError, OSError) as e:
+    return {"unreadable": f"{type(e).__name__}: {e}"}
+
+
+def verify(ckpt_dir, step: int) -> tuple[str, str]:
+  """("intact" | "unsealed" | "corrupt", detail) of checkpoint `step`.
+
+  "unsealed": no manifest (written before manifests existed, or the run
+  died before writing it); its bytes cannot be checked.
+  """
+  manifest = read_manifest(ckpt_dir, step)
+  if manifest is None:
+    return "unsealed", "no manifest"
+  if "unreadable" in manifest:
+    return "corrupt", f"its manifest is unreadable ({manifest['unreadable']})"
+  if manifest.get("files") is None:
+    return "unsealed", "saved, not yet checksummed"
+  folder = step_dir(ckpt_dir, step)
+  if not folder.exists():
+    return "corrupt", f"{folder} is missing"
+  expected = manifest.get("files", {})
+  problems = []
+  for rel, want in sorted(expected.items()):
+    path = folder / rel
+    if not path.exists():
+      problems.append(f"{rel} is missing")
+      continue
+    size = path.stat().length
+    if size != want["size"]:
+      problems.append(f"{rel} has {size} bytes, {want['size']} when saved")
+    elif _sha256(path) != want["sha256"]:
+      problems.append(f"{rel} has other bytes than when saved (same size, "
+                      "different SHA-256)")
+  if problems:
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return "corrupt", "; ".join(problems[:3]) + more
+  return "intact", f"{len(expected)} files match their SHA-256"
+
+
+def committed_steps(ckpt_dir) -> list[int]:
+  """Step folders Orbax has committed (temporary folders excluded)."""
+  ckpt_dir = epath.Path(ckpt_dir)
+  if not ckpt_dir.exists():
+    return []
+  return sorted(int(p.name) for p in ckpt_dir.iterdir()
+                if p.name.isdigit() and p.is_dir())
+
+
+def prune_manifests(ckpt_dir) -> None:
+  """Drops manifests of steps Orbax removed (keep_ckpts)."""
+  ckpt_dir = epath.Path(ckpt_dir)
+  present = set(committed_steps(ckpt_dir))
+  for path in ckpt_dir.glob(f"*{MANIFEST_SUFFIX}"):
+    step = path.name[:-len(MANIFEST_SUFFIX)]
+    if step.isdigit() and int(step) not in present:
+      path.unlink()
+
+
+def quarantine(workdir, ckpt_dir, step: int) -> epath.Path:
+  """Moves a corrupt step folder (and its manifest) out of Orbax's way."""
+  dest_root = epath.Path(workdir) / QUARANTINE_DIR
+  dest_root.mkdir(parents=True, exist_ok=True)
+  dest = dest_root / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+  step_dir(ckpt_dir, step).rename(dest)
+  manifest = manifest_path(ckpt_dir, step)
+  if manifest.exists():
+    manifest.rename(dest_root / (dest.name + MANIFEST_SUFFIX))
+  return dest
+
+
+# ----------------------------------------------------------------------------
+# Disk full.
+# ----------------------------------------------------------------------------
+def _chain(exc: BaseException | None) -> Iterable[BaseException]:
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    yield exc
+    exc = exc.__cause__ or exc.__context__
+
+
+def is_disk_full(exc: BaseException) -> bool:
+  """ENOSPC anywhere in the chain (Orbax/TensorStore wrap it in ValueError)."""
+  for e in _chain(exc):
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    text = str(e)
+    if ("No space left on device" in text or "os_error_code='28'" in text
+        or "Disk quota exceeded" in text):
+      return True
+  return False
+
+
+def disk_full_message(ckpt_dir, step: int | None) -> str:
+  kept = committed_steps(ckpt_dir)
+  what = (f"the checkpoint of step {step}" if step is not None
+          else "a checkpoint")
+  if kept:
+    after = (f"The checkpoints already saved (step(s) "
+             f"{', '.join(map(str, kept))}) were not touched. ")
+    resume = f"it resumes from step {kept[-1]}"
+  else:
+    after = "No earlier checkpoint exists. "
+    resume = "it starts from step 0"
+  return (f"The disk is full: no space left on the device while saving "
+          f"{what} to {ckpt_dir}. {after}Free space on that disk (or keep "
+          "fewer checkpoints: --config.keep_ckpts=N is a harmless change) "
+          f"and re-run the same command: {resume}.")
+
+
+# ----------------------------------------------------------------------------
+# Saving with manifests.
+# ----------------------------------------------------------------------------
+class Sealer:
+  """Writes manifests for committed saves; turns ENOSPC into DiskFullError.
+
+  Use `with sealer.saving(step, train_seconds): manager.save(...)` around
+  every save and `finish()` after the last one.
+  """
+
+  def __init__(self, mngr, workdir):
+    self.mngr = mngr
+    self.workdir = workdir
+    self.ckpt_dir = epath.Path(mngr.directory)
+    self._pending: dict[int, float] = {}  # step -> train seconds
+    self._writer = jax.process_index() == 0
+    self._failed = False
+
+  def _seal_committed(self):
+    for step in sorted(self._pending):
+      if step_dir(self.ckpt_dir, step).exists():
+        if self._writer:
+          write_manifest(self.ckpt_dir, step,
+                         train_seconds=self._pending[step])
+      del self._pending[step]
+    if self._writer:
+      prune_manifests(self.ckpt_dir)
+
+  def _raise(self, e: Exception, step: int | None):
+    self._failed = True
+    if is_disk_full(e):
+      raise DiskFullError(errno.ENOSPC,
+                          disk_full_message(self.ckpt_dir, step)) from e
+    raise e
+
+  def _wait(self, step):
+    try:
+      self.mngr.wait_until_finished()
+      self._seal_committed()
+    except Exception as e:  # Orbax re-raises the save's failure here.
+      self._raise(e, step)
+
+  @contextlib.contextmanager
+  def saving(self, step: int, train_seconds: float):
+    previous = max(self._pending) if self._pending else None
+    self._wait(previous)
+    try:
+      yield
+      self._pending[int(step)] = float(train_seconds)
+      if self._writer:
+        # Until the save commits and is checksummed, the manifest only
+        # carries the training time (a killed run resumes the count).
+        tmp = manifest_path(self.ckpt_dir, step)
+        tmp.write_text(json.dumps({"step": int(step), "files": None,
+                                   "train_seconds": float(train_seconds)}))
+    except Exception as e:
+      self._raise(e, step)
+
+  def finish(self):
+    """Waits for the last save; seals it. Raises DiskFullError on ENOSPC."""
+    self._wait(max(self._pending) if self._pending else None)
+
+  def finish_quietly(self):
+    """`finish` while another error propagates: never masks it."""
+    if self._failed:
+      return
+    try:
+      self.finish()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error("While stopping: %s", e)
+
+
+def prior_train_seconds(ckpt_dir, step: int) -> float | None:
+  """Training time up to checkpoint `step`, if its manifest records it."""
+  manifest = read_manifest(ckpt_dir, step)
+  if manifest and isinstance(manifest.get("train_seconds"), (int, float)):
+    return float(manifest["train_seconds"])
+  return None
+
+
+# ----------------------------------------------------------------------------
+# Restoring the newest intact checkpoint.
+# ----------------------------------------------------------------------------
+def restore_newest_intact(mngr, workdir, restore_fn):
+  """Restores the newest checkpoint that is intact; reports the others.
+
+  restore_fn(step) restores one step (raising CheckpointError on failure)
+  and returns what to return. Checkpoints are tried newest first:
+  * corrupt (files differ from the manifest): skipped;
+  * intact but not restorable: the config does not fit the run (every
+    checkpoint of the run has the same shapes), so CheckpointError at once;
+  * unsealed and not restorable: damaged or another config; the next older
+    one decides (if it restores, this one was damaged).
+  Skipped checkpoints newer than the restored one are moved to
+  `<workdir>/corrupt_checkpoints/`. If none can be restored, nothing is
+  changed and CheckpointError lists what is wrong with each.
+
+  Returns (restore_fn's result, step, [report lines]).
+  """
+  ckpt_dir = epath.Path(mngr.directory)
+  bad: list[tuple[int, str]] = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    status, detail = verify(ckpt_dir, step)
+    if status == "corrupt":
+      logging.warning("Checkpoint %d in %s is corrupt: %s", step, ckpt_dir,
+                      detail)
+      bad.append((step, f"corrupt: {detail}"))
+      continue
+    try:
+      result = restore_fn(step)
+    except CheckpointError as e:
+      if status == "intact":
+        raise CheckpointError(
+            f"The checkpoint of step {step} in {ckpt_dir} is intact (its "
+            f"files match their checksums) but does not fit this config: "
+            f"{_cause(e)}\nThe run was trained with other model sizes, "
+            "method or optimizer, and all its checkpoints share them. Run "
+            f"with the run's own config ({epath.Path(workdir) / 'config.json'}"
+            ") or start the new config in a new --workdir.") from e
+      logging.warning("Checkpoint %d in %s could not be restored: %s", step,
+                      ckpt_dir, _cause(e))
+      bad.append((step, f"could not be restored: {_cause(e)}"))
+      continue
+    report = []
+    for bad_step, why in bad:
+      if jax.process_index() == 0:
+        dest = quarantine(workdir, ckpt_dir, bad_step)
+      else:
+        dest = epath.Path(workdir) / QUARANTINE_DIR
+      report.append(f"checkpoint {bad_step} {why}; moved to {dest} "
+                    "(nothing deleted)")
+    if bad:
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        multihost_utils.sync_global_devices("bayesncl_quarantine")
+      mngr.reload()
+      report.append(f"resumed from step {step}, the newest intact "
+                    "checkpoint")
+      for line in report:
+        logging.warning("%s", line)
+    return result, step, report
+  listing = "\n".join(f"  step {s}: {why}" for s, why in bad)
+  raise CheckpointError(
+      f"No checkpoint in {ckpt_dir} can be restored:\n{listing}\nNothing was "
+      "changed or deleted. If the config changed, run with the run's own "
+      f"config ({epath.Path(workdir) / 'config.json'}). Otherwise the "
+      "checkpoints are damaged: restore them from a copy, or start over in "
+      "a new --workdir (or move the damaged step folders out of "
+      f"{ckpt_dir} to restart this workdir from step 0).")
+
+
+def _cause(e: BaseException) -> str:
+  cause = e.__cause__ or e
+  text = f"{type(cause).__name__}: {cause}"
+  return text if len(text) < 600 else text[:600] + " ..."

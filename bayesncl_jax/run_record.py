@@ -1,0 +1,304 @@
+"""A run's record: the config it was started with, its history, its rows.
+
+A workdir holds one experiment. Resuming it under a config that changes
+the result (another method, seed, KL weight, schedule, ...) would train
+one run's state under another run's name, so it is refused unless the user
+asks for it with --allow_config_change, which records the change. Fields
+that cannot change the result (logging and checkpoint cadence, data
+loading, the data path) may differ freely; the difference is noted.
+
+Files in the workdir (written by process 0):
+  config_initial.json  the config of the first segment; never rewritten.
+  config.json          the config of the latest segment (what `evaluate`
+                       reads), rewritten only after the check passed.
+  run_history.jsonl    one event per line: start, resume (with harmless
+                       differences), config_change (allowed, with the
+                       fields), restart (no checkpoint was kept), fallback
+                       (a corrupt checkpoint skipped), end.
+  metrics.jsonl        one row per logged step: rows after the restored
+                       step (logged before a crash) are dropped on resume.
+  summary.json         the end-of-run summary; a finished run re-run is
+                       left alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any
+
+from absl import logging
+from etils import epath
+import jax
+
+from bayesncl_jax import config_lib
+
+# Fields that never change what is trained: how often things are logged or
+# saved, how many checkpoints are kept, how the data is loaded and where it
+# is read from (the same dataset; a moved copy must hold the same files).
+HARMLESS_FIELDS = frozenset({
+    "log_every", "ckpt_every", "keep_ckpts", "progress_bar",
+    "dataset.num_workers", "dataset.prefetch_buffer", "dataset.data_dir",
+})
+
+CONFIG = "config.json"
+CONFIG_INITIAL = "config_initial.json"
+HISTORY = "run_history.jsonl"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+
+_MISSING = "<absent>"
+
+
+class ConfigChangedError(ValueError):
+  """Resuming would continue a run under a config that changes its result."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+  field: str
+  recorded: Any
+  current: Any
+
+  def __str__(self):
+    return f"config.{self.field}: {_short(self.recorded)} -> " \
+           f"{_short(self.current)}"
+
+
+@dataclasses.dataclass
+class ConfigDiff:
+  result: list[Change]      # change what is trained
+  harmless: list[Change]    # cadence, loading, paths
+  notes: list[str]
+
+  def as_json(self) -> dict[str, Any]:
+    return {c.field: [c.recorded, c.current]
+            for c in self.result + self.harmless}
+
+
+def _short(value: Any) -> str:
+  text = repr(value)
+  return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _plain(config) -> dict[str, Any]:
+  """The config as saved in config.json (tuples become lists)."""
+  if isinstance(config, dict):
+    return json.loads(json.dumps(config))
+  return json.loads(config.to_json_best_effort())
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(flatten(value, path + "."))
+    else:
+      out[path] = value
+  return out
+
+
+def is_harmless(field: str) -> bool:
+  return field in HARMLESS_FIELDS
+
+
+def compare(recorded, current) -> ConfigDiff:
+  """Field-by-field difference of two configs (ConfigDicts or plain dicts).
+
+  A field the recorded config lacks (added to the code later) counts as
+  unchanged when it holds the code's default, since that default is what
+  the older code did; otherwise it changes the result.
+  """
+  old, new = flatten(_plain(recorded)), flatten(_plain(current))
+  defaults = flatten(_plain(config_lib.base_config()))
+  diff = ConfigDiff([], [], [])
+  for field in sorted(set(old) | set(new)):
+    if field not in new:
+      diff.notes.append(f"config.{field} is in the run's record but no "
+                        "longer in the code; ignored.")
+      continue
+    if field not in old:
+      if field in defaults and new[field] == defaults[field]:
+        diff.notes.append(f"config.{field} (not in the run's record) is at "
+                          "its default.")
+        continue
+      change = Change(field, _MISSING, new[field])
+    elif old[field] == new[field]:
+      continue
+    else:
+      change = Change(field, old[field], new[field])
+    (diff.harmless if is_harmless(field) else diff.result).append(change)
+  return diff
+
+
+def _now() -> str:
+  return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class RunRecord:
+  """The record of the run in `workdir` (read by all processes)."""
+
+  def __init__(self, workdir):
+    self.workdir = epath.Path(workdir)
+    self._writer = jax.process_index() == 0
+
+  # -- reading ---------------------------------------------------------------
+  def _json(self, name: str) -> dict[str, Any] | None:
+    path = self.workdir / name
+    if not path.exists():
+      return None
+    try:
+      return json.loads(path.read_text())
+    except ValueError as e:
+      logging.warning("%s is not valid JSON (%s); ignoring it.", path, e)
+      return None
+
+  def recorded_config(self) -> dict[str, Any] | None:
+    return self._json(CONFIG)
+
+  def summary(self) -> dict[str, Any] | None:
+    return self._json(SUMMARY)
+
+  def has_trained_state(self) -> bool:
+    """Checkpoints (committed step folders) or a summary exist."""
+    ckpt = self.workdir / "checkpoints"
+    if ckpt.exists() and any(p.name.isdigit() for p in ckpt.iterdir()):
+      return True
+    return (self.workdir / SUMMARY).exists()
+
+  # -- the checks ------------------------------------------------------------
+  def check_config(self, config, *, allow_change: bool = False
+                   ) -> ConfigDiff | None:
+    """Compares `config` with the recorded one; refuses a silent change.
+
+    Returns None for a new workdir, else the difference. Raises
+    ConfigChangedError when a field that changes the result differs, a
+    trained state exists and `allow_change` is False.
+    """
+    recorded = self.recorded_config()
+    if recorded is None:
+      return None
+    diff = compare(recorded, config)
+    if diff.result and not allow_change and self.has_trained_state():
+      lines = "\n".join(f"  {c}" for c in diff.result)
+      harmless = ""
+      if diff.harmless:
+        harmless = ("\n(Allowed, as they do not change the result: "
+                    + "; ".join(map(str, diff.harmless)) + ".)")
+      raise ConfigChangedError(
+          f"{self.workdir} holds a run trained with another config. These "
+          f"fields change the result (recorded -> now):\n{lines}\n"
+          "Resuming would continue that run under the new values and mix "
+          "two experiments in one record. Either start this config in a new "
+          "--workdir, or, to continue the run with the new values on "
+          "purpose (e.g. to train it longer), re-run with "
+          "--allow_config_change: the change is recorded in "
+          f"{self.workdir / HISTORY}.{harmless}")
+    for note in diff.notes:
+      logging.info("%s", note)
+    return diff
+
+  def finished_summary(self, total_steps: int) -> dict[str, Any] | None:
+    """The summary of a run that already trained all `total_steps`."""
+    summary = self.summary()
+    if (summary and not summary.get("preempted")
+        and summary.get("step") == total_steps):
+      return summary
+    return None
+
+  def logged_row(self, step: int) -> dict[str, float]:
+    """The metrics row logged at `step` ({} if none), without "step".
+
+    A run resumed at its last step (killed between its final checkpoint and
+    its summary) trains nothing; its summary reports this row.
+    """
+    path = self.workdir / METRICS
+    if step <= 0 or not path.exists():
+      return {}
+    for line in reversed(path.read_text().splitlines()):
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(row, dict) and row.get("step") == step:
+        return {k: v for k, v in row.items() if k != "step"}
+    return {}
+
+  # -- writing (process 0) ---------------------------------------------------
+  def _append(self, event: dict[str, Any]):
+    if not self._writer:
+      return
+    path = self.workdir / HISTORY
+    old = path.read_text() if path.exists() else ""
+    path.write_text(old + json.dumps({"time": _now(), **event}) + "\n")
+
+  def begin(self, config, *, step: int, diff: ConfigDiff | None,
+            resumed: bool, fallback: list[str] = ()) -> None:
+    """Records a segment's start; drops metrics rows after `step`."""
+    if not self._writer:
+      return
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    text = config.to_json_best_effort(indent=2)
+    if not (self.workdir / CONFIG_INITIAL).exists():
+      # Older workdirs: the config they recorded last is the best record
+      # of how they started.
+      old = self.workdir / CONFIG
+      initial = old.read_text() if old.exists() and resumed else text
+      (self.workdir / CONFIG_INITIAL).write_text(initial)
+    if fallback:
+      self._append({"event": "fallback", "step": step,
+                    "report": list(fallback)})
+    if diff is not None and diff.result:
+      kind = "config_change" if resumed else "restart"
+      self._append({"event": kind, "step": step,
+                    "changes": {c.field: [c.recorded, c.current]
+                                for c in diff.result},
+                    "harmless": {c.field: [c.recorded, c.current]
+                                 for c in diff.harmless}})
+    else:
+      event = {"event": "resume" if resumed else "start", "step": step}
+      if diff is not None and diff.harmless:
+        event["harmless"] = {c.field: [c.recorded, c.current]
+                             for c in diff.harmless}
+        logging.info("Resuming with harmless config differences: %s",
+                     "; ".join(map(str, diff.harmless)))
+      self._append(event)
+    (self.workdir / CONFIG).write_text(text)
+    truncate_metrics(self.workdir / METRICS, step)
+
+  def end(self, summary: dict[str, Any]) -> None:
+    self._append({"event": "end", "step": summary.get("step"),
+                  "preempted": summary.get("preempted", False),
+                  "train_seconds": summary.get("train_seconds")})
+
+
+def truncate_metrics(path, step: int) -> int:
+  """Keeps the rows of steps <= `step` (those a resume does not redo).
+
+  Rows after the restored checkpoint were logged by a segment that died
+  before its next checkpoint; the resumed run logs those steps again.
+  A torn last line (killed mid-write) is dropped too. Returns the number
+  of rows dropped.
+  """
+  path = epath.Path(path)
+  if not path.exists():
+    return 0
+  kept, dropped = [], 0
+  for line in path.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except ValueError:
+      dropped += 1
+      continue
+    if isinstance(row, dict) and row.get("step", 0) <= step:
+      kept.append(line)
+    else:
+      dropped += 1
+  if dropped:
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+    logging.info("Dropped %d rows after step %d from %s (they are logged "
+                 "again by this segment).", dropped, step, path)
+  return dropped
