@@ -61,7 +61,7 @@ def main(argv):
     logging.error("%s", e)
     sys.exit(f"error: {e}")
   if jax.process_index() == 0:
-    print(train.format_summary(summary), flush=True)
+    print(train.format_summary(summary, FLAGS.workdir), flush=True)
   if summary["preempted"]:
     logging.warning("Preempted at step %d; the checkpoint is saved. Rerun the "
                     "same command to resume.", summary["step"])

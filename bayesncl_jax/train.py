@@ -552,8 +552,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return summary
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-  """The one-screen end-of-run summary."""
+def format_summary(summary: dict[str, Any], workdir: str | None = None
+                   ) -> str:
+  """The one-screen end-of-run summary (with `workdir`: the next commands)."""
   keys = [("method", "method"), ("step", "steps"),
           ("train_seconds", "wall time (s)"),
           ("train_loss", "train loss"), ("train_nce", "NT-Xent"),
@@ -569,6 +570,15 @@ def format_summary(summary: dict[str, Any]) -> str:
       v = f"{v:.4f}" if isinstance(v, float) else str(v)
       lines.append(f" {label:<28}{v:>15}")
   lines.append("=" * 44)
+  if workdir is not None and not summary.get("preempted"):
+    # The site is a local folder, also for a gs:// workdir.
+    site = ("explorer" if "://" in workdir
+            else os.path.join(workdir, "explorer"))
+    lines += [" Next: evaluate the checkpoint, then browse its features:",
+              f"   python -m bayesncl_jax.evaluate --workdir={workdir}",
+              f"   python -m bayesncl_jax.explore --workdir={workdir} "
+              f"--out={site}",
+              f"   and open {site}/index.html in a browser."]
   return "\n".join(lines)
 
 

@@ -499,3 +499,13 @@ def test_compare_three_methods(tiny_runs, tmp_path, browser):
   _assert_page_ok(browser)
   browser.find_element(By.LINK_TEXT, "all runs").click()
   assert browser.title == "Feature explorer: runs"
+
+
+def test_run_summary_names_the_next_commands():
+  text = train.format_summary({"method": "ncl", "step": 3}, "/tmp/run_x")
+  assert "python -m bayesncl_jax.evaluate --workdir=/tmp/run_x" in text
+  assert ("python -m bayesncl_jax.explore --workdir=/tmp/run_x "
+          "--out=/tmp/run_x/explorer") in text
+  assert "--out=explorer" in train.format_summary({}, "gs://b/run")
+  assert "explore" not in train.format_summary({"preempted": True}, "/x")
+  assert "explore" not in train.format_summary({"method": "cl"})
