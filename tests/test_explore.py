@@ -308,6 +308,29 @@ def test_saved_features_are_used_instead_of_a_forward(tiny_runs, tmp_path,
   np.testing.assert_array_equal(run.features["gate_mask"],
                                 feats["test_gate_mask"])
   assert "train_z" not in run.features
+  assert run.mechanism is None
+
+  # A per-dim mechanism file: dims more background- than class-pure are
+  # marked in the table.
+  rng = np.random.default_rng(0)
+  mech = {"class_purity": rng.uniform(size=16).tolist(),
+          "background_purity": rng.uniform(size=16).tolist()}
+  (workdir / "eval" / "mechanism.json").write_text(
+      json.dumps({"per_dim": mech}))
+  out = tmp_path / "site"
+  site.build_site([str(workdir)], str(out), SMALL)
+  table = (out / "dims.html").read_text()
+  assert "background purity" in table
+  marked = [int(d) for d in re.findall(
+      r'<tr data-cls="\d+" class="bg"><td class="num" data-v="(\d+)"', table)]
+  active = np.flatnonzero(np.abs(feats["test_z"]).max(0) > metrics.ZERO_TOL)
+  expect = [d for d in active
+            if mech["background_purity"][d] > mech["class_purity"][d]]
+  assert marked == expect and expect
+  (workdir / "eval" / "mechanism.json").write_text(
+      json.dumps({"class_purity": [0.5], "background_purity": [0.5]}))
+  with pytest.raises(data.ExploreError, match="one value per feature dim"):
+    data.load_run(str(workdir))
 
 
 # ----------------------------------------------------------------------------

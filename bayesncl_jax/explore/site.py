@@ -448,6 +448,11 @@ class RunSite:
                  "gate keeps the dim." if run.gated else "")
     mech_note = (" Rows in orange are more background-pure than class-pure."
                  if run.mechanism is not None else "")
+    if run.config.method == "cl":
+      mech_note += (" CL features are dense and signed: nearly every image "
+                    "activates every dim, so consistency is close to the "
+                    "largest class share and the top images rank |z| (both "
+                    "ends of a dim).")
     return (
         f"<p>{len(self.active)} active dims of {self.d} (a dim is active "
         f"when some test image has |z| > {metrics.ZERO_TOL:g}). Top class and"
