@@ -15,9 +15,11 @@ import sys
 import tempfile
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from bayesncl_jax import config_lib
+from bayesncl_jax import datasets
 from bayesncl_jax import evaluate
 from bayesncl_jax import linear_probe
 from bayesncl_jax import metrics
@@ -289,6 +291,23 @@ def test_site_pages_show_the_evaluated_features(tiny_runs, bayes_site):
                              atol=1e-5)
   n_active = int(np.sum(np.abs(z[row]) > metrics.ZERO_TOL))
   assert f"<dt>active dims</dt><dd>{n_active} of 16</dd>" in page
+
+  # Each thumbnail's sprite cell holds the test image it names, as the
+  # dataset source gives it.
+  source = datasets.get_source(_tiny_config("bayesncl").dataset, "test")
+  thumbs = re.findall(r'<span class="(th|lg) px"><img src="[./]*img/(\d+)'
+                      r'\.png" alt="test image (\d+)" style="left:(-?\d+)px;'
+                      r'top:(-?\d+)px"></span>', page)
+  assert len(thumbs) == 1 + SMALL.neighbours
+  assert thumbs[0][0] == "lg" and int(thumbs[0][2]) == row
+  for kind, sheet, shown_row, left, top in thumbs:
+    size = site.ImageStore.SIZES[kind]
+    c, r = -int(left) // size, -int(top) // size
+    pixels = np.asarray(Image.open(out / "img" / f"{int(sheet):03d}.png"))
+    assert pixels.shape[1] == site.ImageStore.COLS * 28
+    np.testing.assert_array_equal(pixels[r * 28:(r + 1) * 28,
+                                         c * 28:(c + 1) * 28],
+                                  source[int(shown_row)]["image"][..., 0])
 
 
 @needs_fmnist

@@ -86,7 +86,8 @@ def table(header: Sequence[str] | None, rows: Iterable[Sequence[str]],
   body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>"
                  for row in rows)
   head = f"<thead><tr>{head}</tr></thead>" if head else ""
-  return f'<table class="{cls}">{head}<tbody>{body}</tbody></table>'
+  cls = f' class="{cls}"' if cls else ""
+  return f"<table{cls}>{head}<tbody>{body}</tbody></table>"
 
 
 # ----------------------------------------------------------------------------
@@ -226,8 +227,10 @@ def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
       parts.extend(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" '
                    f'fill="{color}"/>' for x, y in xy)
     if len(series) > 1:
+      # style, not the fill attribute: the stylesheet's text fill wins
+      # over presentation attributes.
       parts.append(f'<text x="{ml + 6}" y="{mt + 12 + 12 * i}" class="lg" '
-                   f'fill="{color}">{esc(name)}</text>')
+                   f'style="fill:{color}">{esc(name)}</text>')
   parts.append(f'<line x1="{ml}" x2="{ml + w}" y1="{mt + h}" y2="{mt + h}" '
                'class="axis"/>')
   if xlabel:

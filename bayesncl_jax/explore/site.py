@@ -83,7 +83,8 @@ class ImageStore:
   then `tag(row, ...)` in the pages and `write(out)` once.
   """
   COLS = 16
-  # Display sizes (CSS pixels) of the three thumbnail kinds.
+  # Display sizes (CSS pixels) of the three thumbnail kinds; explorer.css
+  # gives their sheets the width COLS * size.
   SIZES = {"th": 56, "lg": 224, "mi": 32}
 
   def __init__(self, config, thumb_size: int):
@@ -112,11 +113,11 @@ class ImageStore:
     size = self.SIZES[kind]
     scale = size / self.thumb
     pixelated = " px" if scale >= 1 else ""
-    title = H.esc(title or f"test image {row}")
-    return (f'<span class="{kind}{pixelated}" title="{title}"><img '
+    title = f' title="{H.esc(title)}"' if title else ""
+    # The sheet is COLS * size CSS pixels wide (explorer.css sets it).
+    return (f'<span class="{kind}{pixelated}"{title}><img '
             f'src="{root}img/{sheet:03d}.png" alt="test image {row}" '
-            f'style="width:{self.COLS * size:g}px;left:{-c * size:g}px;'
-            f'top:{-r * size:g}px"></span>')
+            f'style="left:{-c * size:g}px;top:{-r * size:g}px"></span>')
 
   def write(self, out: pathlib.Path) -> int:
     """Writes the sprite sheets; returns the number of images in them."""
@@ -703,8 +704,8 @@ class Compare:
         imgs = "".join(self.mini(s, r) for r in s.top[int(dim)]
                        [:opts.compare_top])
         body.append(f'<p><a href="{s.base}{s.dim_file(dim)}">dim {dim}</a> '
-                    f"{H.esc(s.class_name(c))} "
-                    f"({H.fmt(st['consistency'][dim], 2)})<br>{imgs}</p>")
+                    f"top class {H.esc(s.class_name(c))}, consistency "
+                    f"{H.fmt(st['consistency'][dim], 2)}<br>{imgs}</p>")
       cols.append(f'<div class="runcol"><h3>{H.esc(s.run.name)}</h3>'
                   + "".join(body) + "</div>")
     parts.append('<div class="cols">' + "".join(cols) + "</div>")
