@@ -194,7 +194,7 @@ def _locked(path):
 
 
 @pytest.fixture(scope="session")
-def tiny_runs(tmp_path_factory, worker_id):
+def tiny_runs(tmp_path_factory):
   """method -> workdir of a tiny run, trained and evaluated on first use.
 
   Under pytest-xdist the runs live in the session's shared temp folder and
@@ -202,8 +202,8 @@ def tiny_runs(tmp_path_factory, worker_id):
   tests only read them.
   """
   shared = tmp_path_factory.getbasetemp()
-  if worker_id != "master":
-    shared = shared.parent
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    shared = shared.parent          # the session's folder, above gw0, gw1.
 
   def get(method):
     workdir = shared / f"explore_tiny_{method}"
@@ -236,6 +236,20 @@ def _alts(html_text):
   return [int(m) for m in re.findall(r'alt="test image (\d+)"', html_text)]
 
 
+def _assert_links_resolve(out):
+  """Every href/src of every page is a file of the site (or data:)."""
+  checked = 0
+  for page in out.rglob("*.html"):
+    for ref in set(re.findall(r'(?:href|src)="([^"#?]*)', page.read_text())):
+      if ref == "data:,":
+        continue
+      # No network: nothing is fetched from outside the folder.
+      assert "://" not in ref and not ref.startswith("/"), (page, ref)
+      assert (page.parent / ref).is_file(), (page, ref)
+      checked += 1
+  assert checked > 0
+
+
 def _section(html_text, heading_start):
   start = html_text.index(f"<h2>{heading_start}")
   end = html_text.find("<h2>", start + 4)
@@ -254,6 +268,7 @@ def test_site_pages_show_the_evaluated_features(tiny_runs, bayes_site):
   for name in ("index.html", "dims.html", "static/explorer.css",
                "static/explorer.js", "img/000.png"):
     assert (out / name).stat().st_size > 0, name
+  _assert_links_resolve(out)
   index = (out / "index.html").read_text()
   assert f"{report['semantic_consistency']:.4f}" in index
   assert "training curves" in index.lower() and "<svg" in index
@@ -461,7 +476,9 @@ def _column(driver, table_id, col):
 
 @needs_fmnist
 def test_site_in_a_real_browser(bayes_site, browser):
-  from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from selenium.webdriver.common.by import By
+  from selenium.webdriver.support.ui import Select
   out, _ = bayes_site
   browser.get((out / "index.html").as_uri())
   assert "overview" in browser.title
@@ -489,7 +506,8 @@ def test_site_in_a_real_browser(bayes_site, browser):
     assert dims != sorted(dims, key=str)
   # Filter by the top class of the first row.
   first_class = _column(browser, "dims", 1)[0]
-  browser.find_element(By.ID, "class-filter").send_keys(first_class)
+  Select(browser.find_element(By.ID, "class-filter")).select_by_visible_text(
+      first_class)
   kept = _column(browser, "dims", 1)
   assert kept and set(kept) == {first_class}
   assert browser.find_element(By.ID, "dims-count").text.startswith(
@@ -519,6 +537,7 @@ def test_compare_three_methods(tiny_runs, tmp_path, browser):
   assert summary["runs"] == ["cl", "ncl", "bayesncl"]
   for name in ("cl", "ncl", "bayesncl"):
     assert (out / "runs" / name / "index.html").exists()
+  _assert_links_resolve(out)
   compare = (out / "compare.html").read_text()
   reports = [json.loads((pathlib.Path(w) / "eval" / "report.json")
                         .read_text()) for w in workdirs]
