@@ -96,7 +96,14 @@ def test_dim_stats_agree_with_the_report_metrics(top_k):
   np.testing.assert_allclose(st["activation_rate"],
                              (np.abs(z) > 1e-5).mean(0))
   ranking = metrics.most_active_dims(z, 5)
-  np.testing.assert_array_equal(data.most_active_dims(z, 7), ranking)
+  np.testing.assert_array_equal(data.most_active_dims(z), ranking)
+  # A dim whose entries are all below the threshold is never ranked, even
+  # when their sum beats an active dim's.
+  z2 = np.zeros((100, 3), np.float32)
+  z2[:, 0] = 1e-6
+  z2[0, 1] = 2e-5
+  z2[:, 2] = 0.5
+  np.testing.assert_array_equal(data.most_active_dims(z2), [2, 1])
 
 
 def test_top_images_are_the_highest_activations():
@@ -166,11 +173,36 @@ def test_sample_images_draws_per_class():
   assert np.all(np.diff(rows) > 0)
 
 
+def test_run_names_are_unique():
+  def meta(workdir, method):
+    return (workdir, config_lib.from_dict({"method": method}), {})
+  names = site._run_names([meta("/r/a", "ncl"), meta("/r/b x/", "ncl"),
+                           meta("/s/a", "ncl"), meta("/r/c", "cl")])
+  assert names == ["ncl_a", "ncl_b_x", "ncl_a_", "cl"]
+
+
+def test_screenshot_of_a_page(tmp_path):
+  if not os.path.exists(CHROMIUM):
+    pytest.skip("apt-get install -y chromium")
+  # pylint: disable-next=g-import-not-at-top
+  from bayesncl_jax.explore import screenshot
+  page = tmp_path / "p.html"
+  page.write_text("<html><body style='background:#ff0000'></body></html>")
+  screenshot.screenshot(str(page), str(tmp_path / "shot.png"), 320, 200)
+  pixels = np.asarray(Image.open(tmp_path / "shot.png").convert("RGB"))
+  assert pixels.shape == (200, 320, 3)
+  np.testing.assert_array_equal(pixels[100, 160], [255, 0, 0])
+  with pytest.raises(FileNotFoundError, match="build the site first"):
+    screenshot.screenshot(str(tmp_path / "none.html"), str(tmp_path / "x.png"))
+
+
 def test_html_charts_escape_and_format():
   svg = H.bar_chart([1, 2], ["<a>", "b"], title="x & y")
   assert "&lt;a&gt;" in svg and "x &amp; y" in svg and "<a>" not in svg
   assert H.fmt(None) == "–" and H.fmt(float("nan")) == "–"
-  assert H.fmt(0.5, 3) == "0.500" and H.fmt(3) == "3"
+  assert H.fmt(0.5, 3) == "0.500" and H.fmt(3) == "3" and H.fmt(1.0) == "1.0000"
+  assert H.fmt_metric(48.0) == "48" and H.fmt_metric(1.0) == "1.0000"
+  assert H.fmt(0.000123) == "0.000123" and H.fmt(0.00123) == "0.0012"
   assert H.sort_value(float("nan")) == "" and H.sort_value(2.0) == "2.0"
   assert len(set(H.class_colors(100))) == 100
 
@@ -428,7 +460,8 @@ def test_command_line_exit_codes(tiny_runs, tmp_path):
 # ----------------------------------------------------------------------------
 def _browser():
   webdriver = pytest.importorskip("selenium.webdriver")
-  from selenium.webdriver.chrome.service import Service  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from selenium.webdriver.chrome.service import Service
   if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
     pytest.skip("apt-get install -y chromium chromium-driver")
   options = webdriver.ChromeOptions()
@@ -530,7 +563,8 @@ def test_site_in_a_real_browser(bayes_site, browser):
 
 @needs_fmnist
 def test_compare_three_methods(tiny_runs, tmp_path, browser):
-  from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from selenium.webdriver.common.by import By
   workdirs = [str(tiny_runs(m)) for m in ("cl", "ncl", "bayesncl")]
   out = tmp_path / "site"
   summary = site.build_site(workdirs, str(out), SMALL)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import math
 from typing import Any, Sequence
 
 from absl import logging
@@ -220,6 +219,7 @@ def class_counts(z: np.ndarray, labels: np.ndarray, num_classes: int,
   among them, as semantic_consistency(top_k=K).
   """
   # pylint: disable=protected-access
+  labels = np.asarray(labels, np.int32)
   if top_k is None:
     counts = metrics._class_mass(z, labels, metrics.ZERO_TOL, num_classes,
                                  "frequency")
@@ -378,12 +378,8 @@ def nearest_neighbours(z: np.ndarray, rows: Sequence[int], k: int
   return np.concatenate(nbrs), np.concatenate(sims)
 
 
-def most_active_dims(z: np.ndarray, n: int) -> np.ndarray:
-  """metrics.most_active_dims, restricted to dims some sample activates."""
-  n = int(min(n, metrics.active_dims(z)))
-  return metrics.most_active_dims(z, n) if n >= 1 else np.zeros((0,), int)
-
-
-def finite_or_none(x) -> float | None:
-  x = float(x)
-  return x if math.isfinite(x) else None
+def most_active_dims(z: np.ndarray) -> np.ndarray:
+  """The active dims, in the order of metrics.most_active_dims (Σ|z| desc)."""
+  ranking = metrics.most_active_dims(z, z.shape[1])
+  active = np.abs(np.asarray(z)).max(0) > metrics.ZERO_TOL
+  return ranking[active[ranking]]

@@ -49,6 +49,13 @@ def fmt(value, digits: int = 4) -> str:
   return f"{value:.{digits}f}"
 
 
+def fmt_metric(value) -> str:
+  """A report value: counts stored as floats (e.g. active_dims) as integers."""
+  if isinstance(value, float) and value.is_integer() and abs(value) > 1:
+    return str(int(value))
+  return fmt(value)
+
+
 def sort_value(value) -> str:
   """The data-v attribute of a sortable cell ('' sorts last)."""
   if value is None:

@@ -223,7 +223,7 @@ class RunSite:
                               else "all samples that activate it")
     self.active = np.flatnonzero(self.stats["active"])
     # Dims in descending Σ|z| (metrics.most_active_dims), active ones only.
-    self.ranking = data.most_active_dims(self.z, self.d)
+    self.ranking = data.most_active_dims(self.z)
     self.rank_of = {int(dim): r + 1 for r, dim in enumerate(self.ranking)}
     self.dim_digits = max(3, len(str(self.d - 1)))
     self.row_digits = max(5, len(str(self.n - 1)))
@@ -312,8 +312,7 @@ class RunSite:
     parts.append("<h2>Run</h2>" + H.table(
         None, [(H.esc(k), H.esc(v))
                    for k, v in _config_summary(run.config, report)]))
-    rows = [(H.esc(label), f'<span data-v="{H.sort_value(v)}">{H.fmt(v)}'
-             "</span>", H.esc(note))
+    rows = [(H.esc(label), H.fmt_metric(v), H.esc(note))
             for _, label, v, note in report_rows(report)]
     parts.append("<h2>Evaluation (eval/report.json)</h2>"
                  + H.table(["metric", "value", "note"], rows))
@@ -591,11 +590,12 @@ def _run_names(runs_meta) -> list[str]:
   """Method names, made unique with the workdir's name where they repeat."""
   methods = [config.method for _, config, _ in runs_meta]
   names = []
-  for (workdir, config, _), method in zip(runs_meta, methods):
+  for (workdir, _, _), method in zip(runs_meta, methods):
     name = method
     if methods.count(method) > 1:
       base = os.path.basename(os.path.normpath(workdir))
-      name = f"{method}_{''.join(ch if ch.isalnum() or ch in '-_' else '_' for ch in base)}"
+      safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in base)
+      name = f"{method}_{safe}"
     while name in names:
       name += "_"
     names.append(name)
@@ -671,7 +671,7 @@ class Compare:
     rows = []
     for key, (label, note) in labels.items():
       rows.append([H.esc(label)] + [
-          H.fmt(s.run.report.get(key)) for s in sites] + [H.esc(note)])
+          H.fmt_metric(s.run.report.get(key)) for s in sites] + [H.esc(note)])
     parts.append("<h2>Metrics (each run's eval/report.json)</h2>" + H.table(
         ["metric"] + [H.esc(s.run.name) for s in sites] + ["note"], rows))
     curves = {s.run.name: s.run.report["feature_selection"] for s in sites
