@@ -4,6 +4,7 @@ The browser tests drive Debian's chromium through chromedriver (selenium);
 they are skipped where either is missing (CI installs both, see .ci/run).
 """
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -21,7 +22,7 @@ import pytest
 from bayesncl_jax import config_lib
 from bayesncl_jax import datasets
 from bayesncl_jax import evaluate
-from bayesncl_jax import linear_probe
+from bayesncl_jax.evaluators import linear_probe
 from bayesncl_jax import metrics
 from bayesncl_jax import train
 from bayesncl_jax.explore import data
@@ -83,15 +84,23 @@ def test_dim_stats_hand_values():
   np.testing.assert_allclose(st["gate_open_rate"], [0.75, 0.75, 0.0])
 
 
-@pytest.mark.parametrize("top_k", [None, 5])
-def test_dim_stats_agree_with_the_report_metrics(top_k):
+def test_dim_stats_agree_with_the_report_metrics():
   z, labels = _sparse_features()
-  st = data.dim_stats(z, labels, 3, consistency_top_k=top_k)
+  st = data.dim_stats(z, labels, 3, value_top_k=5)
   active = st["active"]
   assert active.sum() == metrics.active_dims(z) == 5
-  # The report's semantic consistency is the mean of the per-dim values.
+  np.testing.assert_array_equal(np.isnan(st["consistency"]), ~active)
+  # The report's consistencies are the means of the per-dim values.
   assert np.mean(st["consistency"][active]) == pytest.approx(
-      metrics.semantic_consistency(z, labels, 3, top_k=top_k), rel=1e-6)
+      metrics.semantic_consistency(z, labels, 3), rel=1e-6)
+  assert np.nanmean(st["top_k_consistency"]) == pytest.approx(
+      metrics.semantic_consistency(z, labels, 3, top_k=5, rank_by="value"),
+      rel=1e-6)
+  # The counts behind them, independently.
+  for d in np.flatnonzero(active):
+    on = np.abs(z[:, d]) > 1e-5
+    np.testing.assert_array_equal(st["class_counts"][d],
+                                  np.bincount(labels[on], minlength=3))
   # Activation rate, independently: entries above the threshold.
   np.testing.assert_allclose(st["activation_rate"],
                              (np.abs(z) > 1e-5).mean(0))
@@ -141,19 +150,25 @@ def test_nearest_neighbours_are_the_cosine_nearest():
   z = rng.normal(size=(50, 6)).astype(np.float32)
   z[7] = 0.0                                      # an all-zero row.
   z[9] = 3.0 * z[2]                               # same direction as row 2.
-  rows = np.array([2, 7, 11])
-  nbrs, sims = data.nearest_neighbours(z, rows, 5)
+  rows = np.array([2, 7, 11, 12])
+  z[12] = -z[11]                                  # row 11's antipode.
+  found = data.nearest_neighbours(z, rows, 49)
   unit = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-30)
-  for q, nb, s in zip(rows, nbrs, sims):
-    assert q not in nb
+  for q, (nb, s) in zip(rows, found):
+    if q == 7:
+      continue
+    assert q not in nb and 7 not in nb          # self and all-zero excluded
+    assert len(nb) == 48
     brute = unit @ unit[q]
-    brute[q] = -np.inf
-    np.testing.assert_allclose(s, np.sort(brute)[::-1][:5], atol=1e-6)
+    brute[[q, 7]] = -np.inf
+    np.testing.assert_allclose(s, np.sort(brute)[::-1][:48], atol=1e-6)
     np.testing.assert_allclose(s, brute[nb], atol=1e-6)
-  assert nbrs[0, 0] == 9 and sims[0, 0] == pytest.approx(1.0)
-  # The all-zero row: cosine 0 to all, ties to the lowest indices.
-  np.testing.assert_array_equal(nbrs[1], [0, 1, 2, 3, 4])
-  np.testing.assert_allclose(sims[1], 0.0)
+  assert found[0][0][0] == 9 and found[0][1][0] == pytest.approx(1.0)
+  assert found[2][0][-1] == 12 and found[2][1][-1] == pytest.approx(-1.0)
+  # The all-zero row has no direction: no neighbours.
+  assert found[1][0].size == 0
+  np.testing.assert_array_equal(data.nearest_neighbours(z, [2], 3)[0][0],
+                                found[0][0][:3])
 
 
 def test_closed_gates_follow_the_eval_mode():
@@ -334,6 +349,7 @@ def test_site_pages_show_the_evaluated_features(tiny_runs, bayes_site):
   sim[row] = -np.inf
   nbrs = _alts(_section(page, "Nearest"))
   assert len(nbrs) == SMALL.neighbours
+  sim[~(np.abs(z) > metrics.ZERO_TOL).any(1)] = -np.inf   # all-zero rows
   np.testing.assert_allclose(sim[nbrs], np.sort(sim)[::-1][:len(nbrs)],
                              atol=1e-5)
   n_active = int(np.sum(np.abs(z[row]) > metrics.ZERO_TOL))
@@ -362,39 +378,69 @@ def test_saved_features_are_used_instead_of_a_forward(tiny_runs, tmp_path,
                                                       monkeypatch):
   workdir = tmp_path / "run"
   shutil.copytree(tiny_runs("bayesncl"), workdir)
-  feats = data.compute_features(str(workdir), 2, N_TEST, 64)
-  np.savez(workdir / "eval" / "features.npz", train_z=feats["test_z"][:5],
-           **feats)
+  # What the explorer computes without features.npz is what evaluate
+  # --save_features writes.
+  computed = data.compute_features(str(workdir), 2, N_TEST, 64)
+  evaluate.evaluate(str(workdir), dataclasses.replace(
+      EVAL, protocols=("interp",), save_features=True))
+  with np.load(workdir / "eval" / "features.npz") as f:
+    saved = dict(f)
+  assert "train_z" in saved
+  assert sorted(computed) == sorted(k for k in saved if k.startswith("test_"))
+  for key, value in computed.items():
+    np.testing.assert_allclose(value, saved[key], rtol=1e-5, atol=1e-6)
 
   def no_forward(*args, **kwargs):
     raise AssertionError("features.npz exists: nothing to extract")
   monkeypatch.setattr(data, "compute_features", no_forward)
   run = data.load_run(str(workdir))
-  np.testing.assert_array_equal(run.features["z"], feats["test_z"])
+  np.testing.assert_array_equal(run.features["z"], saved["test_z"])
   np.testing.assert_array_equal(run.features["gate_mask"],
-                                feats["test_gate_mask"])
-  assert "train_z" not in run.features
-  assert run.mechanism is None
+                                saved["test_gate_mask"])
+  np.testing.assert_array_equal(run.features["gate_probs"],
+                                saved["test_gate_probs"])
+  assert "train_z" not in run.features and not run.nuisances
+  # The per-dim numbers the pages show are dims.npz's.
+  st = data.dim_stats(run.features["z"], run.features["labels"], 10,
+                      run.features["gate_mask"],
+                      run.report["top_k_consistency_k"])
+  np.testing.assert_allclose(st["consistency"], run.dims["class_purity"])
+  np.testing.assert_allclose(st["top_k_consistency"],
+                             run.dims["top_k_class_purity"])
+  np.testing.assert_allclose(st["gate_open_rate"],
+                             run.dims["gate_open_rate"], rtol=1e-6)
 
-  # A per-dim mechanism file: dims more background- than class-pure are
-  # marked in the table.
+  # A dataset with a nuisance label (as fashion_mnist_backgrounds): its
+  # value per image and the mechanism protocol's dims.
+  names = ("plain", "stripes", "checks")
+  monkeypatch.setattr(datasets, "nuisance_labels",
+                      lambda dataset_config: {"background": names})
   rng = np.random.default_rng(0)
-  mech = {"class_purity": rng.uniform(size=16).tolist(),
-          "background_purity": rng.uniform(size=16).tolist()}
-  (workdir / "eval" / "mechanism.json").write_text(
-      json.dumps({"per_dim": mech}))
+  background = rng.integers(0, 3, N_TEST)
+  np.savez(workdir / "eval" / "features.npz", test_background=background,
+           **saved)
+  dims = dict(np.load(workdir / "eval" / "dims.npz"))
+  is_bg = rng.uniform(size=16) < 0.5
+  dims.update(class_purity_pregate=rng.uniform(size=16),
+              background_purity=rng.uniform(size=16),
+              is_background_dim=is_bg)
+  np.savez(workdir / "eval" / "dims.npz", **dims)
   out = tmp_path / "site"
   site.build_site([str(workdir)], str(out), SMALL)
   table = (out / "dims.html").read_text()
-  assert "background purity" in table
+  assert "background purity" in table and "top-k consistency" in table
   marked = [int(d) for d in re.findall(
       r'<tr data-cls="\d+" class="bg"><td class="num" data-v="(\d+)"', table)]
-  active = np.flatnonzero(np.abs(feats["test_z"]).max(0) > metrics.ZERO_TOL)
-  expect = [d for d in active
-            if mech["background_purity"][d] > mech["class_purity"][d]]
+  active = np.flatnonzero(np.abs(saved["test_z"]).max(0) > metrics.ZERO_TOL)
+  expect = [d for d in active if is_bg[d]]
   assert marked == expect and expect
-  (workdir / "eval" / "mechanism.json").write_text(
-      json.dumps({"class_purity": [0.5], "background_purity": [0.5]}))
+  row = sorted(int(p.stem) for p in (out / "images").glob("*.html"))[0]
+  page = (out / "images" / f"{row:05d}.html").read_text()
+  assert (f"<dt>background</dt><dd>{names[background[row]]}</dd>" in page)
+  dim_page = (out / "dims" / f"{expect[0]:03d}.html").read_text()
+  assert "<dt>background dim</dt><dd>yes</dd>" in dim_page
+  dims["background_purity"] = np.ones(3)
+  np.savez(workdir / "eval" / "dims.npz", **dims)
   with pytest.raises(data.ExploreError, match="one value per feature dim"):
     data.load_run(str(workdir))
 

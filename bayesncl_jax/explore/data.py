@@ -4,9 +4,12 @@ Everything here is numpy on host arrays of the test split, in dataset order
 (row n is example n of `datasets.get_source(config.dataset, eval_split)`).
 The per-dim statistics use the definitions and the activity threshold of
 `bayesncl_jax.metrics` (an entry is active when |z| > metrics.ZERO_TOL; the
-activation of a sample on a dim is |z|), so a page's numbers agree with
-`eval/report.json`: e.g. the mean over active dims of `consistency` is the
-report's `semantic_consistency`.
+activation of a sample on a dim is |z|), the functions `evaluate` itself
+calls, so a page's numbers agree with `eval/report.json` and
+`eval/dims.npz`: e.g. the mean over active dims of `consistency` is the
+report's `semantic_consistency` (papers' definition).
+
+Workdirs are read through `bayesncl_jax.paths` (local or gs://).
 """
 from __future__ import annotations
 
@@ -17,18 +20,15 @@ from typing import Any, Sequence
 
 from absl import logging
 import numpy as np
-from etils import epath
 
+from bayesncl_jax import datasets
 from bayesncl_jax import metrics
+from bayesncl_jax import paths
 
 # Files of a run's evaluation directory (written by `bayesncl_jax.evaluate`).
 REPORT_FILE = "report.json"
-FEATURES_FILE = "features.npz"
-# Per-dimension purity w.r.t. class and a nuisance (background) label, for
-# datasets that have one; optional. JSON {"class_purity": [D],
-# "background_purity": [D], ...} (or the same under "per_dim"), or an npz
-# with those arrays.
-MECHANISM_FILES = ("mechanism.json", "mechanism.npz")
+FEATURES_FILE = "features.npz"   # with --save_features
+DIMS_FILE = "dims.npz"           # per-dim arrays of the protocols that ran
 
 
 class ExploreError(ValueError):
@@ -39,11 +39,29 @@ class ExploreError(ValueError):
 # A run's inputs.
 # ----------------------------------------------------------------------------
 @dataclasses.dataclass
+class Nuisance:
+  """A nuisance label of the dataset (e.g. the background) and its dims.
+
+  values: (N,) the label of each test image; value_names: name of each
+  value. From eval/dims.npz (the `mechanism` protocol, on z before the
+  gate), when it ran: class_purity, purity (D,) and is_dim (D,) bool — the
+  dims more <name>-pure than class-pure, by the protocol's threshold.
+  """
+  name: str
+  values: np.ndarray
+  value_names: tuple[str, ...]
+  class_purity: np.ndarray | None = None
+  purity: np.ndarray | None = None
+  is_dim: np.ndarray | None = None
+
+
+@dataclasses.dataclass
 class Run:
   """One evaluated run: config, report, history and test-split features.
 
   features: "z" (N, D) float32, "labels" (N,) int, optional "h" (N, d_h),
   "gate_mask" (N, D), "gate_probs" (N, D); row n = test example n.
+  dims: the arrays of eval/dims.npz ({} if absent).
   """
   workdir: str
   name: str
@@ -52,7 +70,8 @@ class Run:
   history: list[dict[str, float]]
   features: dict[str, np.ndarray]
   class_names: tuple[str, ...]
-  mechanism: dict[str, np.ndarray] | None = None
+  dims: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  nuisances: list[Nuisance] = dataclasses.field(default_factory=list)
 
   @property
   def num_classes(self) -> int:
@@ -63,21 +82,28 @@ class Run:
     return "gate_mask" in self.features
 
 
-def _read_json(path: epath.Path) -> Any:
+def _read_json(path: str) -> Any:
   try:
-    return json.loads(path.read_text())
+    return json.loads(paths.read_text(path))
   except json.JSONDecodeError as e:
     raise ExploreError(f"{path} is not valid JSON ({e}); re-run the command "
                        "that wrote it.") from e
 
 
-def read_history(workdir: epath.Path) -> list[dict[str, float]]:
+def _read_npz(path: str) -> dict[str, np.ndarray] | None:
+  if not paths.exists(path):
+    return None
+  with np.load(io.BytesIO(paths.read_bytes(path))) as f:
+    return {k: f[k] for k in f.files}
+
+
+def read_history(workdir: str) -> list[dict[str, float]]:
   """The rows of metrics.jsonl (training curves); [] if there is none."""
-  path = workdir / "metrics.jsonl"
-  if not path.exists():
+  path = paths.join(workdir, "metrics.jsonl")
+  if not paths.exists(path):
     return []
   rows = []
-  for line in path.read_text().splitlines():
+  for line in paths.read_text(path).splitlines():
     line = line.strip()
     if line:
       try:
@@ -88,26 +114,34 @@ def read_history(workdir: epath.Path) -> list[dict[str, float]]:
   return rows
 
 
-def check_workdir(workdir: str) -> tuple[epath.Path, epath.Path]:
-  """(workdir, eval dir) of an evaluated run, or ExploreError saying why not."""
-  wd = epath.Path(workdir)
-  if not wd.exists():
+def check_workdir(workdir: str) -> str:
+  """The eval dir of an evaluated run, or ExploreError saying why not."""
+  try:
+    paths.check(workdir)
+  except paths.PathError as e:
+    raise ExploreError(str(e)) from e
+  if not paths.exists(workdir):
     raise ExploreError(f"--workdir={workdir} does not exist.")
-  if not (wd / "config.json").exists():
+  if not paths.exists(paths.join(workdir, "config.json")):
     raise ExploreError(f"No config.json in {workdir}: is it the workdir of a "
                        "bayesncl_jax.main run?")
-  ckpt = wd / "checkpoints"
-  if not ckpt.exists() or not any(p.name.isdigit() for p in ckpt.iterdir()):
+  ckpt = paths.join(workdir, "checkpoints")
+  if not (paths.isdir(ckpt)
+          and any(name.isdigit() for name in paths.listdir(ckpt))):
     raise ExploreError(
         f"No checkpoint in {workdir} ({ckpt} holds no step). Pre-train "
         f"first: python -m bayesncl_jax.main --config=... --workdir={workdir}")
-  eval_dir = wd / "eval"
-  if not (eval_dir / REPORT_FILE).exists():
+  eval_dir = paths.join(workdir, "eval")
+  if not paths.exists(paths.join(eval_dir, REPORT_FILE)):
     raise ExploreError(
-        f"No evaluation in {workdir} ({eval_dir / REPORT_FILE} does not "
-        "exist). Evaluate first: python -m bayesncl_jax.evaluate "
+        f"No evaluation in {workdir} ({paths.join(eval_dir, REPORT_FILE)} "
+        "does not exist). Evaluate first: python -m bayesncl_jax.evaluate "
         f"--workdir={workdir}")
-  return wd, eval_dir
+  return eval_dir
+
+
+def read_report(workdir: str) -> dict[str, Any]:
+  return _read_json(paths.join(workdir, "eval", REPORT_FILE))
 
 
 def compute_features(workdir: str, step: int, max_examples: int = -1,
@@ -115,74 +149,65 @@ def compute_features(workdir: str, step: int, max_examples: int = -1,
                      ) -> dict[str, np.ndarray]:
   """The test-split arrays of eval/features.npz, computed from the checkpoint.
 
-  Used when the evaluation did not save its features. Same forward as
-  `evaluate` (eval mode, trained gate): `evaluate.load_state` +
-  `evaluate.extract_features` on config.dataset.eval_split, the first
-  `max_examples` examples (all if <= 0). Returns the features.npz keys
-  test_h, test_z, test_labels[, test_gate_mask], rows in dataset order.
+  Used when the evaluation did not save its features (evaluate without
+  --save_features): the checkpoint of `step` (`evaluate.load_state`), the
+  eval-mode extraction of `evaluate` on config.dataset.eval_split
+  (`evaluators.features.extract_features`, the first `max_examples` if > 0)
+  and the key layout of its --save_features (`features_npz`). Returns the
+  test_* arrays (test_h, test_z, test_labels, test_gate_probs,
+  test_gate_mask, test_<nuisance>), rows in dataset order.
   """
-  from bayesncl_jax import evaluate  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from bayesncl_jax import evaluate
+  from bayesncl_jax.evaluators import features as features_lib
   try:
     setup, state = evaluate.load_state(workdir, step, mesh)
   except evaluate.EvaluationError as e:
     raise ExploreError(str(e)) from e
-  feats = evaluate.extract_features(setup, state,
-                                    setup.config.dataset.eval_split,
-                                    batch_size, max_examples)
-  order = np.argsort(feats["index"], kind="stable")
-  if not np.array_equal(feats["index"][order], np.arange(order.size)):
-    raise ExploreError("Feature extraction did not cover the first "
-                       f"{order.size} test examples exactly once.")
-  out = {"test_h": feats["h"], "test_z": feats["z"],
-         "test_labels": feats["label"]}
-  if "gate_mask" in feats:
-    out["test_gate_mask"] = feats["gate_mask"]
-  return {k: np.asarray(v)[order] for k, v in out.items()}
+  feats = features_lib.extract_features(
+      setup, state, setup.config.dataset.eval_split, batch_size,
+      max_examples)
+  if not np.array_equal(feats["index"], np.arange(feats["index"].size)):
+    raise ExploreError("Feature extraction did not return the first "
+                       f"{feats['index'].size} test examples in order.")
+  arrays = features_lib.features_npz(feats, feats)   # the test_* half
+  return {k: v for k, v in arrays.items() if k.startswith("test_")}
 
 
-def read_features(eval_dir: epath.Path) -> dict[str, np.ndarray] | None:
+def read_features(eval_dir: str) -> dict[str, np.ndarray] | None:
   """The test-split arrays of eval/features.npz, or None if it is absent."""
-  path = eval_dir / FEATURES_FILE
-  if not path.exists():
+  arrays = _read_npz(paths.join(eval_dir, FEATURES_FILE))
+  if arrays is None:
     return None
-  with np.load(io.BytesIO(path.read_bytes())) as f:
-    return {k: f[k] for k in f.files if k.startswith("test_")}
+  return {k: v for k, v in arrays.items() if k.startswith("test_")}
 
 
-def read_mechanism(eval_dir: epath.Path, feature_dim: int
-                   ) -> dict[str, np.ndarray] | None:
-  """Per-dim class / background purity (MECHANISM_FILES), or None."""
-  for name in MECHANISM_FILES:
-    path = eval_dir / name
-    if not path.exists():
-      continue
-    if name.endswith(".json"):
-      data = _read_json(path)
-      data = data.get("per_dim", data)
-    else:
-      with np.load(io.BytesIO(path.read_bytes())) as f:
-        data = {k: f[k] for k in f.files}
-    try:
-      out = {k: np.asarray(data[k], np.float64).reshape(-1)
-             for k in ("class_purity", "background_purity")}
-    except KeyError as e:
-      raise ExploreError(f"{path} has no per-dim {e.args[0]}; re-run "
-                         "evaluate.") from e
-    if any(v.size != feature_dim for v in out.values()):
-      raise ExploreError(f"{path} does not hold one value per feature dim "
-                         f"({feature_dim}); re-run evaluate.")
-    return out
-  return None
+def _nuisances(config, feats: dict[str, np.ndarray],
+               dims: dict[str, np.ndarray]) -> list[Nuisance]:
+  out = []
+  for name, value_names in datasets.nuisance_labels(config.dataset).items():
+    if f"test_{name}" not in feats:
+      raise ExploreError(f"The features have no test_{name} (the dataset's "
+                         f"{name} label); re-run evaluate --save_features.")
+    nuisance = Nuisance(name, np.asarray(feats[f"test_{name}"], np.int64),
+                        tuple(value_names))
+    if f"is_{name}_dim" in dims:
+      nuisance.class_purity = dims["class_purity_pregate"]
+      nuisance.purity = dims[f"{name}_purity"]
+      nuisance.is_dim = dims[f"is_{name}_dim"].astype(bool)
+    out.append(nuisance)
+  return out
 
 
 def load_run(workdir: str, name: str | None = None, batch_size: int = 512,
              mesh=None) -> Run:
   """Reads an evaluated run; computes its features if evaluate saved none."""
-  from bayesncl_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from bayesncl_jax import train  # pylint: disable=g-import-not-at-top
-  wd, eval_dir = check_workdir(workdir)
+  # pylint: disable=g-import-not-at-top
+  from bayesncl_jax import evaluate
+  from bayesncl_jax import train
+  eval_dir = check_workdir(workdir)
   config = train.load_config(workdir)
-  report = _read_json(eval_dir / REPORT_FILE)
+  report = read_report(workdir)
   feats = read_features(eval_dir)
   if feats is None:
     max_examples = (report.get("protocol") or {}).get("max_examples", -1)
@@ -195,38 +220,34 @@ def load_run(workdir: str, name: str | None = None, batch_size: int = 512,
   for key in ("h", "gate_mask", "gate_probs"):
     if f"test_{key}" in feats:
       features[key] = np.asarray(feats[f"test_{key}"], np.float32)
-  n = features["z"].shape[0]
+  n, d = features["z"].shape
   if n != report["num_test_examples"]:
     raise ExploreError(
         f"{eval_dir} is inconsistent: report.json covers "
         f"{report['num_test_examples']} test examples, the features {n}. "
         f"Re-run python -m bayesncl_jax.evaluate --workdir={workdir}")
-  return Run(workdir=str(wd), name=name or config.method, config=config,
-             report=report, history=read_history(wd), features=features,
-             class_names=tuple(evaluate.class_names(config)),
-             mechanism=read_mechanism(eval_dir, features["z"].shape[1]))
+  dims = _read_npz(paths.join(eval_dir, DIMS_FILE)) or {}
+  if any(np.shape(v)[:1] != (d,) for v in dims.values()):
+    raise ExploreError(f"{paths.join(eval_dir, DIMS_FILE)} does not hold one "
+                       f"value per feature dim ({d}); re-run evaluate.")
+  return Run(workdir=workdir, name=name or config.method, config=config,
+             report=report, history=read_history(workdir),
+             features=features,
+             class_names=tuple(evaluate.class_names(config)), dims=dims,
+             nuisances=_nuisances(config, feats, dims))
 
 
 # ----------------------------------------------------------------------------
 # Per-dimension statistics.
 # ----------------------------------------------------------------------------
-def class_counts(z: np.ndarray, labels: np.ndarray, num_classes: int,
-                 top_k: int | None = None) -> np.ndarray:
-  """(D, C) counts of each dim's selected samples per class (metrics' rule).
-
-  top_k=None: the samples that activate the dim (|z| > ZERO_TOL), as
-  `metrics.semantic_consistency`; top_k=K: the dim's K largest activations
-  among them, as semantic_consistency(top_k=K).
-  """
-  # pylint: disable=protected-access
-  labels = np.asarray(labels, np.int32)
-  if top_k is None:
-    counts = metrics._class_mass(z, labels, metrics.ZERO_TOL, num_classes,
-                                 "frequency")
-  else:
-    counts = metrics._top_k_class_counts(z, labels, metrics.ZERO_TOL,
-                                         num_classes,
-                                         min(int(top_k), z.shape[0]))
+def class_counts(z: np.ndarray, labels: np.ndarray, num_classes: int
+                 ) -> np.ndarray:
+  """(D, C) per dim, how many of the samples that activate it (|z| >
+  ZERO_TOL) have each label: the counts behind metrics.dim_purity and the
+  papers' semantic consistency (`labels` may be a nuisance label)."""
+  # pylint: disable-next=protected-access
+  counts = metrics._class_mass(z, np.asarray(labels, np.int32),
+                               metrics.ZERO_TOL, num_classes, "frequency")
   return np.rint(np.asarray(counts)).astype(np.int64)
 
 
@@ -244,39 +265,46 @@ def closed_gates(gate_mask: np.ndarray, eval_mode: str = "hard",
 
 def dim_stats(z: np.ndarray, labels: np.ndarray, num_classes: int,
               gate_mask: np.ndarray | None = None,
-              consistency_top_k: int | None = None) -> dict[str, np.ndarray]:
+              value_top_k: int | None = None) -> dict[str, np.ndarray]:
   """Per-dim statistics of z (N, D) with labels (N,), all (D,) unless said.
 
   active           some sample activates the dim (metrics.active_dims).
-  class_counts     (D, C) `class_counts` (selected samples per class).
+  class_counts     (D, C) `class_counts`.
   top_class        argmax of class_counts (-1 for an inactive dim).
-  consistency      max_c counts / Σ_c counts: the per-dim term whose mean
-                   over active dims is metrics.semantic_consistency.
+  consistency      metrics.dim_purity: the share of the top class among the
+                   samples that activate the dim (NaN if none); its mean
+                   over active dims is the report's semantic_consistency
+                   and it is dims.npz's class_purity.
+  top_k_consistency  with value_top_k = k: metrics.dim_purity over the
+                   dim's k largest values (dims.npz's top_k_class_purity;
+                   the report's top_k_consistency is its mean).
   activation_rate  fraction of samples with |z| > ZERO_TOL.
   mean_activation  mean |z| over the samples that activate the dim (0 if
                    none).
   total_activation Σ_n |z_nd| (metrics.most_active_dims ranks by it).
   gate_open_rate   mean over samples of the eval gate mask (BayesNCL only;
-                   the mean over dims is the report's gate_open_rate).
+                   dims.npz's gate_open_rate, the report's is its mean).
   """
   z = np.asarray(z, np.float32)
   a = np.abs(z)
   on = a > metrics.ZERO_TOL
   n_on = on.sum(0)
-  counts = class_counts(z, labels, num_classes, consistency_top_k)
+  counts = class_counts(z, labels, num_classes)
   totals = counts.sum(1)
   active = n_on > 0
   out = {
       "active": active,
       "class_counts": counts,
       "top_class": np.where(totals > 0, counts.argmax(1), -1),
-      "consistency": np.where(totals > 0,
-                              counts.max(1) / np.maximum(totals, 1), np.nan),
+      "consistency": metrics.dim_purity(z, labels, num_classes),
       "activation_rate": n_on / z.shape[0],
       "mean_activation": np.where(
           active, np.where(on, a, 0.0).sum(0) / np.maximum(n_on, 1), 0.0),
       "total_activation": a.sum(0, dtype=np.float64),
   }
+  if value_top_k:
+    out["top_k_consistency"] = metrics.dim_purity(
+        z, labels, num_classes, top_k=int(value_top_k), rank_by="value")
   if gate_mask is not None:
     out["gate_open_rate"] = np.asarray(gate_mask, np.float64).mean(0)
   return out
@@ -352,30 +380,32 @@ def active_dims_of(z_row: np.ndarray) -> np.ndarray:
 
 
 def nearest_neighbours(z: np.ndarray, rows: Sequence[int], k: int
-                       ) -> tuple[np.ndarray, np.ndarray]:
+                       ) -> list[tuple[np.ndarray, np.ndarray]]:
   """Cosine nearest neighbours on z of each query row, the query excluded.
 
-  The similarity of `metrics.retrieval_precision_at_k`: rows L2-normalised,
-  an all-zero row has cosine 0 to every sample. Ties go to lower indices.
-  Returns (neighbour rows (Q, k), similarities (Q, k)), descending.
+  As the report's retrieval (`metrics.retrieval_report`): rows
+  L2-normalised; an all-zero row (no |z| > ZERO_TOL) has no direction, so it
+  is never a neighbour and, as a query, has none. Ties go to lower indices.
+  Returns per query (neighbour rows (k',), similarities (k',)), descending,
+  k' <= k.
   """
   z = np.asarray(z, np.float64)
+  valid = metrics.nonzero_rows(z)
   norm = np.linalg.norm(z, axis=1, keepdims=True)
   keys = z / np.where(norm > 0, norm, 1.0)
   rows = np.asarray(rows, np.int64)
-  k = min(int(k), z.shape[0] - 1)
-  if k < 1 or rows.size == 0:
-    return (np.zeros((rows.size, 0), np.int64),
-            np.zeros((rows.size, 0), np.float64))
-  nbrs, sims = [], []
+  out = []
   for start in range(0, rows.size, 256):   # 256 × N similarities at a time.
     q = rows[start:start + 256]
     sim = keys[q] @ keys.T
+    sim[:, ~valid] = -np.inf
     sim[np.arange(q.size), q] = -np.inf
     order = np.argsort(-sim, axis=1, kind="stable")[:, :k]
-    nbrs.append(order)
-    sims.append(np.take_along_axis(sim, order, axis=1))
-  return np.concatenate(nbrs), np.concatenate(sims)
+    for i, row in enumerate(q):
+      nb = order[i][np.isfinite(sim[i, order[i]])] if valid[row] else (
+          order[i][:0])
+      out.append((nb, sim[i, nb]))
+  return out
 
 
 def most_active_dims(z: np.ndarray) -> np.ndarray:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
-import json
-import os
 import pathlib
 import shutil
 import time
@@ -191,7 +189,8 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, str, Any, str]]:
   """
   from bayesncl_jax import evaluate  # pylint: disable=g-import-not-at-top
   rows, seen = [], set(_REPORT_META)
-  for key, label, note in evaluate.REPORT_ROWS:
+  # The rows of report.md, nuisance-label rows expanded.
+  for key, label, note in evaluate._rows(report):  # pylint: disable=protected-access
     seen.add(key)
     if key in report:
       rows.append((key, label, report[key], note))
@@ -216,11 +215,9 @@ class RunSite:
     self.z, self.labels = f["z"], f["labels"]
     self.n, self.d = self.z.shape
     self.colors = H.class_colors(run.num_classes)
-    top_k = (run.report.get("protocol") or {}).get("consistency_top_k")
     self.stats = data.dim_stats(self.z, self.labels, run.num_classes,
-                                f.get("gate_mask"), top_k)
-    self.consistency_basis = (f"its {top_k} largest activations" if top_k
-                              else "all samples that activate it")
+                                f.get("gate_mask"),
+                                run.report.get("top_k_consistency_k"))
     self.active = np.flatnonzero(self.stats["active"])
     # Dims in descending Σ|z| (metrics.most_active_dims), active ones only.
     self.ranking = data.most_active_dims(self.z)
@@ -237,10 +234,11 @@ class RunSite:
     shown = [self.sample] + list(self.top.values()) + list(self.weak.values())
     self.image_rows = np.unique(np.concatenate(shown)).astype(np.int64)
     self.has_page = set(int(r) for r in self.image_rows)
-    self.nbrs, self.sims = data.nearest_neighbours(
-        self.z, self.image_rows, options.neighbours)
+    self.neighbours = data.nearest_neighbours(self.z, self.image_rows,
+                                              options.neighbours)
     images.request(self.image_rows)
-    images.request(self.nbrs)
+    for nbrs, _ in self.neighbours:
+      images.request(nbrs)
     self.closed = (data.closed_gates(f["gate_mask"],
                                      run.config.gate.eval_mode,
                                      run.config.gate.threshold)
@@ -303,7 +301,7 @@ class RunSite:
     for i, row in enumerate(self.image_rows):
       self.write(self.image_file(row),
                  f"{self.run.name}: test image {row}",
-                 self.image_page(int(row), self.nbrs[i], self.sims[i]))
+                 self.image_page(int(row), *self.neighbours[i]))
 
   def overview(self) -> str:
     run, report = self.run, self.run.report
@@ -339,10 +337,13 @@ class RunSite:
         note = f" ({shut} of them with the gate closed on every image)"
       parts.append(f'<p class="note">Inactive (no test image activates '
                    f"them): {', '.join(map(str, inactive))}{note}.</p>")
-    if run.mechanism is not None:
-      bg = self.background_dims()
-      parts.append(f"<p>{len(bg)} active dims are more background-pure than "
-                   "class-pure (marked in the table).</p>")
+    for nu in run.nuisances:
+      if nu.is_dim is not None:
+        n_nu = int(np.sum(nu.is_dim & st["active"]))
+        parts.append(
+            f"<p>{n_nu} active dims are {H.esc(nu.name)} dims: more "
+            f"{H.esc(nu.name)}-pure than class-pure on z before the gate "
+            "(the evaluation's mechanism protocol); marked in the table.</p>")
     sample = "".join(self.figure(r, False, H.esc(self.class_name(
         self.labels[r]))) for r in self.sample)
     parts.append(f"<h2>Test images</h2><p>A sample of "
@@ -363,10 +364,11 @@ class RunSite:
     curve = report.get("feature_selection")
     if curve:
       ks = [p["k"] for p in curve]
+      rule = report.get("feature_selection_rule")
       charts.append(H.line_chart(
           {"linear top-1": (ks, [p["linear_top1"] for p in curve])},
           width=320, title="feature selection: linear top-1 on top-k dims",
-          xlabel="k (dims ranked by Σ|z| on train)", log2_x=True,
+          xlabel=f"k (ranking rule: {rule})" if rule else "k", log2_x=True,
           markers=True))
       if "retrieval_precision_at_10" in curve[0]:
         charts.append(H.line_chart(
@@ -395,29 +397,39 @@ class RunSite:
                                  xlabel="step"))
     return f'<div class="charts">{"".join(charts)}</div>'
 
-  def background_dims(self) -> np.ndarray:
-    mech = self.run.mechanism
-    return np.asarray([d for d in self.active
-                       if mech["background_purity"][d]
-                       > mech["class_purity"][d]], np.int64)
+  def nuisance_dims(self) -> set[int]:
+    """Active dims that the mechanism protocol found nuisance-pure."""
+    out = set()
+    for nu in self.run.nuisances:
+      if nu.is_dim is not None:
+        out |= {int(d) for d in self.active if nu.is_dim[d]}
+    return out
 
   def dims_table(self) -> str:
     st, run = self.stats, self.run
-    header = ["dim", "top class", "consistency", "activation rate",
-              "mean |z| when active", "Σ|z| rank"]
+    with_top_k = "top_k_consistency" in st
+    mech = [nu for nu in run.nuisances if nu.purity is not None]
+    header = ["dim", "top class", "consistency"]
+    if with_top_k:
+      header.append("top-k consistency")
+    header += ["activation rate", "mean |z| when active", "Σ|z| rank"]
     if run.gated:
       header.append("gate open rate")
-    if run.mechanism is not None:
-      header += ["class purity", "background purity"]
-    header.append('class distribution')
-    bg = set(self.background_dims()) if run.mechanism is not None else set()
+    if mech:
+      header.append("class purity (pre-gate)")
+      header += [f"{nu.name} purity" for nu in mech]
+    header.append("class distribution")
+    marked = self.nuisance_dims()
     rows = []
     for dim in self.active:
       c = int(st["top_class"][dim])
       cells = [(dim, self.dim_link(dim, False)),
                (self.class_name(c), H.esc(self.class_name(c))),
-               (st["consistency"][dim], H.fmt(st["consistency"][dim], 3)),
-               (st["activation_rate"][dim],
+               (st["consistency"][dim], H.fmt(st["consistency"][dim], 3))]
+      if with_top_k:
+        cells.append((st["top_k_consistency"][dim],
+                      H.fmt(st["top_k_consistency"][dim], 3)))
+      cells += [(st["activation_rate"][dim],
                 H.fmt(st["activation_rate"][dim], 3)),
                (st["mean_activation"][dim],
                 H.fmt(st["mean_activation"][dim], 3)),
@@ -425,10 +437,11 @@ class RunSite:
       if run.gated:
         cells.append((st["gate_open_rate"][dim],
                       H.fmt(st["gate_open_rate"][dim], 3)))
-      if run.mechanism is not None:
-        for key in ("class_purity", "background_purity"):
-          v = run.mechanism[key][dim]
-          cells.append((v, H.fmt(v, 3)))
+      if mech:
+        v = mech[0].class_purity[dim]
+        cells.append((v, H.fmt(v, 3)))
+        for nu in mech:
+          cells.append((nu.purity[dim], H.fmt(nu.purity[dim], 3)))
       numeric = [f'<td class="num" data-v="{H.sort_value(v)}">{t}</td>'
                  if not isinstance(v, str) else
                  f'<td data-v="{H.esc(v.lower())}">{t}</td>'
@@ -437,7 +450,7 @@ class RunSite:
       bar = H.class_bar(st["class_counts"][dim], run.class_names,
                         self.colors)
       rows.append(f'<tr data-cls="{c}"'
-                  + (' class="bg"' if int(dim) in bg else "") + ">"
+                  + (' class="bg"' if int(dim) in marked else "") + ">"
                   + "".join(numeric) + f"<td>{bar}</td></tr>")
     head = "".join(
         f'<th class="{"nosort" if h == "class distribution" else ""}">'
@@ -446,8 +459,14 @@ class RunSite:
                       for c, name in enumerate(run.class_names))
     gate_note = (" Gate open rate: the share of test images whose eval-mode "
                  "gate keeps the dim." if run.gated else "")
-    mech_note = (" Rows in orange are more background-pure than class-pure."
-                 if run.mechanism is not None else "")
+    mech_note = "".join(
+        f" Rows in orange: {H.esc(nu.name)} dims (more {H.esc(nu.name)}-pure"
+        " than class-pure on z before the gate, by the mechanism protocol)."
+        for nu in mech)
+    if with_top_k:
+      mech_note += (f" Top-k consistency: the same share among the dim's "
+                    f"{int(run.report['top_k_consistency_k'])} largest "
+                    "values (comparable across methods).")
     if run.config.method == "cl":
       mech_note += (" CL features are dense and signed: nearly every image "
                     "activates every dim, so consistency is close to the "
@@ -456,9 +475,10 @@ class RunSite:
     return (
         f"<p>{len(self.active)} active dims of {self.d} (a dim is active "
         f"when some test image has |z| > {metrics.ZERO_TOL:g}). Top class and"
-        f" consistency (the share of the top class) are counted over "
-        f"{self.consistency_basis}, as the report's semantic consistency, "
-        "which is their mean; activation rate: the share of test images "
+        " consistency (the share of the top class) are counted over the "
+        "images that activate the dim, as the report's semantic consistency"
+        " (papers' definition), which is their mean; activation rate: the "
+        "share of test images "
         f"that activate the dim.{gate_note}{mech_note} Click a header to "
         "sort.</p>"
         '<p><label>top class <select id="class-filter" data-filter="dims" '
@@ -481,7 +501,15 @@ class RunSite:
     nav.append("</div>")
     stats = [("top class", H.esc(self.class_name(c))),
              ("class consistency", f"{H.fmt(st['consistency'][dim], 3)} "
-              f'<span class="note">(over {self.consistency_basis})</span>'),
+              '<span class="note">(share of the top class among the '
+              "images that activate it)</span>")]
+    if "top_k_consistency" in st:
+      stats.append(("top-k consistency",
+                    f"{H.fmt(st['top_k_consistency'][dim], 3)} "
+                    '<span class="note">(among its '
+                    f"{int(run.report['top_k_consistency_k'])} largest "
+                    "values)</span>"))
+    stats += [
              ("activation rate", f"{H.fmt(st['activation_rate'][dim], 3)} "
               f"({n_on} of {self.n} test images)"),
              ("mean |z| when active", H.fmt(st["mean_activation"][dim], 4)),
@@ -490,9 +518,13 @@ class RunSite:
     if run.gated:
       stats.append(("gate open rate",
                     H.fmt(st["gate_open_rate"][dim], 3)))
-    if run.mechanism is not None:
-      stats += [(k.replace("_", " "), H.fmt(run.mechanism[k][dim], 3))
-                for k in ("class_purity", "background_purity")]
+    for nu in run.nuisances:
+      if nu.purity is not None:
+        stats += [("class purity (pre-gate)", H.fmt(nu.class_purity[dim], 3)),
+                  (f"{H.esc(nu.name)} purity (pre-gate)",
+                   H.fmt(nu.purity[dim], 3)),
+                  (f"{H.esc(nu.name)} dim",
+                   "yes" if nu.is_dim[dim] else "no")]
     parts = nav + ['<dl class="stats">' + "".join(
         f"<dt>{k}</dt><dd>{v}</dd>" for k, v in stats) + "</dl>"]
 
@@ -520,6 +552,12 @@ class RunSite:
         ylabel="images", label_every=6,
         tooltips=[f"[{edges[i]:.3g}, {edges[i + 1]:.3g}): {int(h)}"
                   for i, h in enumerate(hist)]))
+    for nu in run.nuisances:
+      counts = data.class_counts(self.z[:, dim:dim + 1], nu.values,
+                                 len(nu.value_names))[0]
+      charts.append(H.bar_chart(
+          counts, nu.value_names, width=420, ylabel="images",
+          title=f"{nu.name} of the activating images"))
     if run.gated:
       mask = run.features["gate_mask"][:, dim]
       per_class = [float(mask[self.labels == k].mean())
@@ -540,7 +578,11 @@ class RunSite:
     big = self.images.tag(row, self._root(True), "lg")
     parts = [f'<div class="cols"><div>{big}</div><div><dl class="stats">'
              f"<dt>class</dt><dd>{H.esc(self.class_name(self.labels[row]))}"
-             f"</dd><dt>test index</dt><dd>{row}</dd><dt>active dims</dt>"
+             f"</dd>" + "".join(
+                 f"<dt>{H.esc(nu.name)}</dt><dd>"
+                 f"{H.esc(nu.value_names[int(nu.values[row])])}</dd>"
+                 for nu in run.nuisances) +
+             f"<dt>test index</dt><dd>{row}</dd><dt>active dims</dt>"
              f"<dd>{dims.size} of {self.d}</dd></dl></div></div>"]
     shown = dims[:self.options.dims_in_table]
     rows = []
@@ -573,11 +615,13 @@ class RunSite:
         self.figure(r, True, H.esc(self.class_name(self.labels[r]))
                     + f"<br>cos {H.fmt(float(s), 3)}")
         for r, s in zip(nbrs, sims))
-    zero = (" This image's z is all zero: it has cosine 0 to every image, so"
-            " these are ties." if total == 0 else "")
+    zero = (" This image's z is all zero: it has no direction, hence no "
+            "neighbours (the report's retrieval leaves such images out too)."
+            if not len(nbrs) and total == 0 else "")
     parts.append(f"<h2>Nearest neighbours</h2><p class=\"note\">The "
                  f"{len(nbrs)} test images with the highest cosine similarity"
-                 " of z (the retrieval metric of the report), the image "
+                 " of z (the retrieval metric of the report: all-zero rows "
+                 "excluded), the image "
                  f"itself excluded.{zero}</p>"
                  f'<div class="grid-imgs" id="neighbours">{figs}</div>')
     return "\n".join(parts)
@@ -593,7 +637,7 @@ def _run_names(runs_meta) -> list[str]:
   for (workdir, _, _), method in zip(runs_meta, methods):
     name = method
     if methods.count(method) > 1:
-      base = os.path.basename(os.path.normpath(workdir))
+      base = workdir.rstrip("/").rsplit("/", 1)[-1]
       safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in base)
       name = f"{method}_{safe}"
     while name in names:
@@ -773,14 +817,14 @@ def build_site(workdirs: Sequence[str], out: str,
   t0 = time.time()
   if not workdirs:
     raise ExploreError("Pass at least one --workdir.")
-  if len(set(map(os.path.normpath, workdirs))) != len(workdirs):
+  if len({w.rstrip("/") for w in workdirs}) != len(workdirs):
     raise ExploreError(f"A --workdir is given twice: {list(workdirs)}.")
   # Check every input before the (slow) feature loading.
   meta = []
   for workdir in workdirs:
-    _, eval_dir = data.check_workdir(workdir)
-    report = json.loads((eval_dir / data.REPORT_FILE).read_text())
-    meta.append((workdir, train.load_config(workdir), report))
+    data.check_workdir(workdir)
+    meta.append((workdir, train.load_config(workdir),
+                 data.read_report(workdir)))
   check_comparable(meta)
   names = _run_names(meta)
   runs = [data.load_run(w, name, options.batch_size, mesh)
