@@ -128,8 +128,17 @@ def bar_chart(values: Sequence[float], labels: Sequence[str] | None = None,
   """Vertical bars from 0; labels under the bars (every label_every-th)."""
   n = len(values)
   ml, mr, mt, mb = 42, 8, 18 if title else 6, 34 if xlabel else 22
-  if labels is not None and max((len(s) for s in labels), default=0) > 4:
-    mb += 30
+  if labels is not None:
+    # Long labels are cut (the bar's tooltip keeps the whole) and drawn
+    # at -35°: room below and to the left for them.
+    full = list(labels)
+    labels = [s if len(s) <= 16 else s[:15] + "…" for s in full]
+    longest = max((len(s) for s in labels), default=0)
+    if longest > 4:
+      mb += int(3.6 * longest) + 4
+      ml = max(ml, int(5.0 * longest) - 10)
+    tooltips = tooltips or [f"{t}: {fmt(float(v))}"
+                            for t, v in zip(full, values)]
   w, h = width - ml - mr, height - mt - mb
   top = max([float(v) for v in values if math.isfinite(float(v))] + [0.0])
   top = top if top > 0 else 1.0
