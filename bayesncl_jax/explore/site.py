@@ -695,13 +695,15 @@ class Compare:
                    "</code>", str(r["step"]),
                    H.fmt(r.get("linear_top1")),
                    H.fmt(r.get("semantic_consistency")),
+                   H.fmt(r.get("top_k_consistency")),
                    f"{len(s.active)} / {s.d}"))
     self.write("index.html", "Feature explorer: runs", (
         f"<p>{len(self.sites)} runs on {H.esc(first.config.dataset.name)} "
         f"({first.report['num_test_examples']} test images). "
         '<a href="compare.html">Compare them side by side</a>.</p>'
         + H.table(["run", "method", "workdir", "step", "linear top-1",
-                   "semantic consistency", "active dims"], rows)))
+                   "semantic consistency", "top-k consistency",
+                   "active dims"], rows)))
     self.write("compare.html", "Compare runs", self.compare_body())
 
   def compare_body(self) -> str:
