@@ -678,8 +678,14 @@ def format_summary(summary: dict[str, Any], workdir: str | None = None
   elif workdir is not None:
     wd = shlex.quote(os.fspath(workdir))
     tb = shlex.quote(paths.join(workdir, "tensorboard"))
-    lines += [" Next: evaluate the representation, look at the curves:",
+    # The explorer site is a local folder, also for a gs:// workdir.
+    site = shlex.quote("explorer" if paths.is_remote(workdir)
+                       else paths.join(workdir, "explorer"))
+    lines += [" Next: evaluate the representation, browse its features, "
+              "look at the curves:",
               f"   python -m bayesncl_jax.evaluate --workdir={wd}",
+              f"   python -m bayesncl_jax.explore --workdir={wd} --out={site}",
+              f"   (then open {site}/index.html in a browser)",
               f"   tensorboard --logdir={tb}"]
   return "\n".join(lines)
 

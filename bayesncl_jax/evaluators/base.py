@@ -35,6 +35,8 @@ CLASS_NAMES = {
     "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog",
                 "frog", "horse", "ship", "truck"),
 }
+# The backgrounds testbed keeps Fashion-MNIST's classes.
+CLASS_NAMES["fashion_mnist_backgrounds"] = CLASS_NAMES["fashion_mnist"]
 
 
 # What is kept of the train split's features (the test split keeps all).
