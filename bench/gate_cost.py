@@ -6,10 +6,12 @@ compiles `train.make_train_step` for NCL and for every other variant
 (`bayesncl_jax.reproduce` names: the three gates, NCL+TopK, CL, the
 ablations) on the same model, then times them **interleaved in one
 process**: round r times `--steps_per_round` steps of every variant in turn,
-so a change of machine load hits all variants alike. Per variant it prints a
-`JSON {...}` record with the median step time, the ratio of medians to NCL,
-and the median (min–max) over rounds of the per-round ratio to NCL — the
-number to read on a shared machine.
+so a change of machine load hits all variants alike. Each step is timed in
+wall-clock time and in CPU time of this process (all its threads): on a
+shared CPU, where other jobs steal cores, the CPU time is the steadier
+measure of the work. Per variant it prints a `JSON {...}` record with the
+median step time (wall and CPU), the ratios of medians to NCL, and the
+median (min–max) over rounds of the per-round ratio to NCL.
 
   python bench/gate_cost.py                                  # demo model
   python bench/gate_cost.py --config=configs/cifar10.py \
@@ -112,24 +114,32 @@ def main(argv=None):
     for _ in range(args.warmup):
       run()
     steps[v] = {"run": run, "flops": flops, "compile_s": compile_s,
-                "config": config, "times": [], "round_means": []}
+                "config": config, "times": [], "round_means": [],
+                "cpu_times": [], "round_cpu_means": []}
 
   for _ in range(args.rounds):
     for v in args.variants:
-      ts = []
+      ts, cs = [], []
       for _ in range(args.steps_per_round):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         steps[v]["run"]()
         ts.append((time.perf_counter() - t0) * 1e3)
+        cs.append((time.process_time() - c0) * 1e3)
       steps[v]["times"] += ts
+      steps[v]["cpu_times"] += cs
       steps[v]["round_means"].append(statistics.fmean(ts))
+      steps[v]["round_cpu_means"].append(statistics.fmean(cs))
 
   ref = steps["ncl"]
   ref_median = statistics.median(ref["times"])
+  ref_cpu_median = statistics.median(ref["cpu_times"])
   for v in args.variants:
     st = steps[v]
     median = statistics.median(st["times"])
+    cpu_median = statistics.median(st["cpu_times"])
     ratios = [a / b for a, b in zip(st["round_means"], ref["round_means"])]
+    cpu_ratios = [a / b for a, b in zip(st["round_cpu_means"],
+                                        ref["round_cpu_means"])]
     c = st["config"]
     record = {
         "bench": "gate_cost", "variant": v,
@@ -146,7 +156,12 @@ def main(argv=None):
         "ratio_of_medians_to_ncl": median / ref_median,
         "paired_ratio_to_ncl_median": statistics.median(ratios),
         "paired_ratio_to_ncl_min": min(ratios),
-        "paired_ratio_to_ncl_max": max(ratios)}
+        "paired_ratio_to_ncl_max": max(ratios),
+        "median_cpu_ms": cpu_median,
+        "cpu_ratio_of_medians_to_ncl": cpu_median / ref_cpu_median,
+        "paired_cpu_ratio_to_ncl_median": statistics.median(cpu_ratios),
+        "paired_cpu_ratio_to_ncl_min": min(cpu_ratios),
+        "paired_cpu_ratio_to_ncl_max": max(cpu_ratios)}
     gf = record["gflop_per_step"]
     common.emit(record, (
         f"{v:<26} {median:8.1f} ms/step (median of {len(st['times'])}), "
@@ -154,7 +169,12 @@ def main(argv=None):
         f"{record['ratio_of_medians_to_ncl']:.3f}x of medians, per-round "
         f"{record['paired_ratio_to_ncl_median']:.3f}x "
         f"({record['paired_ratio_to_ncl_min']:.3f}-"
-        f"{record['paired_ratio_to_ncl_max']:.3f})"))
+        f"{record['paired_ratio_to_ncl_max']:.3f}); CPU "
+        f"{cpu_median:.1f} ms/step, vs NCL "
+        f"{record['cpu_ratio_of_medians_to_ncl']:.3f}x of medians, "
+        f"per-round {record['paired_cpu_ratio_to_ncl_median']:.3f}x "
+        f"({record['paired_cpu_ratio_to_ncl_min']:.3f}-"
+        f"{record['paired_cpu_ratio_to_ncl_max']:.3f})"))
 
 
 if __name__ == "__main__":

@@ -146,7 +146,8 @@ def test_gate_cost():
   assert list(by) == ["ncl", "bayesncl_ste", "ncl_topk"]  # NCL added first.
   assert by["ncl"]["ratio_of_medians_to_ncl"] == 1.0
   for r in records:
-    _positive(r, "median_ms", "paired_ratio_to_ncl_median", "gflop_per_step")
+    _positive(r, "median_ms", "paired_ratio_to_ncl_median", "gflop_per_step",
+              "median_cpu_ms", "paired_cpu_ratio_to_ncl_median")
     assert r["rounds"] == 2 and r["global_batch"] == 4
     assert r["ratio_of_medians_to_ncl"] == pytest.approx(
         r["median_ms"] / by["ncl"]["median_ms"])
