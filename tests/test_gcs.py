@@ -205,7 +205,10 @@ def test_imagenet100_converted_to_and_read_from_the_bucket(gcs, prefix,
 # One process: pre-train, SIGKILL, resume, evaluate, all on the bucket.
 # ----------------------------------------------------------------------------
 @needs_fmnist
-def test_train_kill_resume_evaluate_on_the_bucket(gcs, prefix):
+def test_train_kill_resume_evaluate_on_the_bucket(gcs, prefix, tmp_path,
+                                                  monkeypatch):
+  # The three runs compile the same step: once, with a shared cache.
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "cache"))
   # The training data too come from the bucket.
   data_dir = paths.join(prefix, "fashion_mnist")
   paths.upload_dir(FMNIST, data_dir, sorted(
