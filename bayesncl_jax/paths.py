@@ -10,7 +10,10 @@ local folder `./gs:/b/r`.
 Object stores have no append and no directories:
 
 * `Appender` (metrics.jsonl) keeps the file's text and rewrites the object
-  at each flush; local files are appended to.
+  at a flush; local files are appended to. Cloud Storage allows about one
+  write per second to one object, so on gs:// a flush uploads only if
+  `REMOTE_FLUSH_SECONDS` passed since the last upload, unless forced (the
+  training loop forces one with every checkpoint and at the end).
 * `tensorboard_writer` writes TensorBoard event files through the same
   layer (on gs:// the whole event file is rewritten at each flush, as
   tensorboardX's own cloud writers do).
@@ -40,6 +43,9 @@ if os.environ.get("STORAGE_EMULATOR_HOST"):
   os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 REMOTE_SCHEMES = ("gs://",)
+# Least seconds between two uploads of one growing gs:// file (Appender,
+# TensorBoard events) unless a flush is forced.
+REMOTE_FLUSH_SECONDS = 5.0
 
 PathLike = str | os.PathLike
 
@@ -222,6 +228,7 @@ class Appender:
       p = epath.Path(self.path)
       self._text = p.read_text() if p.exists() else ""
       self._dirty = False
+      self._uploaded_at = -float("inf")
       self._file = None
     else:
       self._file = open(self.path, "a", encoding="utf-8")
@@ -233,16 +240,21 @@ class Appender:
     else:
       self._file.write(text)
 
-  def flush(self) -> None:
+  def flush(self, force: bool = False) -> None:
+    """Local: flushes. gs://: uploads if forced or REMOTE_FLUSH_SECONDS
+    passed since the last upload."""
     if self._remote:
-      if self._dirty:
+      now = time.monotonic()
+      if self._dirty and (
+          force or now - self._uploaded_at >= REMOTE_FLUSH_SECONDS):
         epath.Path(self.path).write_text(self._text)
         self._dirty = False
+        self._uploaded_at = now
     else:
       self._file.flush()
 
   def close(self) -> None:
-    self.flush()
+    self.flush(force=True)
     if self._file is not None:
       self._file.close()
       self._file = None
@@ -261,7 +273,9 @@ class _RemoteRecordWriter:
     self._path = check(path)
     self._buffer = io.BytesIO()
     self._uploaded = 0
+    self._uploaded_at = -float("inf")
     self._lock = threading.Lock()
+    self.force_next_flush = False
     self.closed = False
 
   def write(self, data: bytes) -> None:
@@ -270,12 +284,17 @@ class _RemoteRecordWriter:
 
   def flush(self) -> None:
     with self._lock:
-      if self._buffer.tell() != self._uploaded:
+      now = time.monotonic()
+      force, self.force_next_flush = self.force_next_flush, False
+      if self._buffer.tell() != self._uploaded and (
+          force or now - self._uploaded_at >= REMOTE_FLUSH_SECONDS):
         epath.Path(self._path).write_bytes(self._buffer.getvalue())
         self._uploaded = self._buffer.tell()
+        self._uploaded_at = now
 
   def close(self) -> None:
     if not self.closed:
+      self.force_next_flush = True
       self.flush()
       self.closed = True
 
@@ -293,9 +312,10 @@ class TensorBoardWriter:
   """Scalars to a TensorBoard event file in a local or gs:// folder.
 
   Synchronous, unlike tensorboardX's `SummaryWriter` (whose `flush` does not
-  wait for the events still queued for its writer thread): after `flush`
-  every scalar added is in the file, so a run killed right after a logging
-  step loses none. One new event file per writer, as TensorBoard expects.
+  wait for the events still queued for its writer thread): after a local
+  `flush`, or a forced one on gs://, every scalar added is in the file, so a
+  run killed right after a checkpoint loses none. One new event file per
+  writer, as TensorBoard expects.
   """
 
   def __init__(self, logdir: PathLike, purge_step: int | None = None):
@@ -326,7 +346,13 @@ class TensorBoardWriter:
         wall_time=time.time(), step=int(step),
         summary=summary.scalar(tag, float(value))))
 
-  def flush(self) -> None:
+  def flush(self, force: bool = False) -> None:
+    """Local: to disk. gs://: uploaded if forced or REMOTE_FLUSH_SECONDS
+    passed since the last upload."""
+    # pylint: disable-next=protected-access
+    writer = self._events._py_recordio_writer._writer
+    if force and isinstance(writer, _RemoteRecordWriter):
+      writer.force_next_flush = True
     self._events.flush()
 
   def close(self) -> None:

@@ -302,7 +302,8 @@ def restore_checkpoint(mngr, setup: Setup, data_iter, step=None,
 class MetricWriter:
   """metrics.jsonl + TensorBoard event files, from process 0 only.
 
-  Local or gs:// (`paths`): on a bucket both are rewritten at each flush.
+  Local or gs:// (`paths`): on a bucket both files are uploaded whole, at
+  most every `paths.REMOTE_FLUSH_SECONDS` and with every checkpoint.
   """
 
   def __init__(self, workdir, purge_step: int | None = None):
@@ -315,14 +316,16 @@ class MetricWriter:
     self._tb = paths.tensorboard_writer(paths.join(workdir, "tensorboard"),
                                         purge_step=purge_step)
 
-  def write(self, step: int, scalars: dict[str, float]):
+  def write(self, step: int, scalars: dict[str, float], durable=False):
+    """Logs `scalars`; `durable`: on gs:// upload now (checkpoint steps),
+    otherwise at most every `paths.REMOTE_FLUSH_SECONDS`."""
     if not self.enabled:
       return
     self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self._jsonl.flush()
+    self._jsonl.flush(force=durable)
     for k, v in scalars.items():
       self._tb.add_scalar(k, v, step)
-    self._tb.flush()
+    self._tb.flush(force=durable)
 
   def close(self):
     if self.enabled:
@@ -607,7 +610,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           scalars["images_per_sec"] = global_batch * len(pending) / max(
               now - t_log, 1e-9)
           scalars["epoch"] = done / setup.steps_per_epoch
-          writer.write(done, scalars)
+          # Metrics up to a checkpoint reach the bucket with it.
+          writer.write(done, scalars, durable=ckpt_now or preempted)
           last_scalars = scalars
           if bar is not None:
             bar.update(len(pending))
