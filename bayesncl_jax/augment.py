@@ -1,4 +1,4 @@
-"""SimCLR photometric augmentations on the accelerator (METHOD.md §4).
+"""SimCLR photometric augmentations on the accelerator (docs/method.md §4).
 
 The BYOL split (STYLE.md): the host decodes images and makes the random
 resized crops and horizontal flips as uint8; everything here — colour jitter,

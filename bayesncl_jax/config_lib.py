@@ -32,7 +32,7 @@ SELECTION_RULES = ("ncl", "gated_z")
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """All fields with the authors' CIFAR defaults (METHOD.md §2-4)."""
+  """All fields with the authors' CIFAR defaults (docs/method.md §2-4)."""
   c = ml_collections.ConfigDict()
   c.method = "bayesncl"  # cl | ncl | ncl_topk | bayesncl
   c.seed = 0
@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.mean = (0.4914, 0.4822, 0.4465)
   c.dataset.std = (0.2470, 0.2435, 0.2616)
 
-  # SimCLR augmentations (METHOD.md §4). Host: crops + flips. Device: the rest.
+  # SimCLR augmentations (docs/method.md §4). Host: crops + flips. Device: the rest.
   c.aug = ml_collections.ConfigDict()
   c.aug.crop_scale = (0.08, 1.0)
   c.aug.hflip_prob = 0.5
@@ -133,7 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Offline evaluation (`bayesncl_jax.evaluate`; its flags override these).
   # Defaults: the project's fast probe (the Fashion-MNIST demo); the CIFAR
-  # and ImageNet-100 configs set the papers' recipes (METHOD.md §5, §9).
+  # and ImageNet-100 configs set the papers' recipes (docs/method.md §5, §9).
   c.eval = ml_collections.ConfigDict()
   # features: a probe on h extracted once; augmented: random resized crop
   # + flip every epoch through the frozen backbone (solo-learn's probe).
@@ -150,7 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.probe_standardize = True  # features probe: train mean/std scaling.
   c.eval.crop_scale = (0.08, 1.0)  # augmented probe and fine-tuning.
   c.eval.finetune_epochs = 30  # fine-tuning: the probe's optimiser.
-  c.eval.selection_rule = "ncl"  # ncl (METHOD.md §9) | gated_z
+  c.eval.selection_rule = "ncl"  # ncl (docs/method.md §9) | gated_z
   c.eval.value_top_k = 100  # top-k-by-value class consistency.
   # A dim is a nuisance (e.g. background) dim when its nuisance purity
   # exceeds its class purity and this factor x chance (1 / #values).
@@ -159,7 +159,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def use_papers_eval_recipe(c: ml_collections.ConfigDict, recipe: str) -> None:
-  """Sets config.eval to the NCL authors' linear-probe recipe (METHOD.md §5).
+  """Sets config.eval to the NCL authors' linear-probe recipe (docs/method.md §5).
 
   Both recipes train the probe on the frozen backbone with random resized
   crops (scale 0.08-1) and flips drawn every epoch, on raw (unstandardised)

@@ -1,4 +1,4 @@
-r"""Offline evaluation of a pre-trained checkpoint (METHOD.md §5, §9).
+r"""Offline evaluation of a pre-trained checkpoint (docs/method.md §5, §9).
 
   python -m bayesncl_jax.evaluate --workdir=DIR [--step=N] \
       [--protocols=linear,knn,interp,retrieval,feature_selection,grids,mechanism,finetune] \
@@ -423,7 +423,7 @@ def define_flags():
                     "probe's inputs with the train split's per-dim mean/std.")
   flags.DEFINE_integer("finetune_epochs", None, "Fine-tuning epochs.")
   flags.DEFINE_enum("selection_rule", None, list(base.SELECTION_RULES),
-                    "Feature-selection ranking: ncl (METHOD.md §9) or "
+                    "Feature-selection ranking: ncl (docs/method.md §9) or "
                     "gated_z (sum |z| of the final features).")
   flags.DEFINE_integer("value_top_k", None, "k of the top-k-by-value class "
                        "consistency.")

@@ -1,6 +1,6 @@
 """Grain input pipelines: two augmented views for pre-training, plain eval.
 
-Host side only does what needs the full-resolution image (METHOD.md §4):
+Host side only does what needs the full-resolution image (docs/method.md §4):
 random resized crop (bicubic) and horizontal flip. Colour jitter, grayscale,
 blur and solarisation run on the accelerator, inside the jitted step.
 

@@ -1,4 +1,4 @@
-"""Losses as pure functions (METHOD.md §2.5-2.7).
+"""Losses as pure functions (docs/method.md §2.5-2.7).
 
 Everything is computed in float32, whatever the model's compute dtype.
 """
@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# METHOD.md §2.4: both p and the prior are clamped to [KL_CLAMP, 1 - KL_CLAMP].
+# docs/method.md §2.4: both p and the prior are clamped to [KL_CLAMP, 1 - KL_CLAMP].
 KL_CLAMP = 1e-2
 # An entry counts as zero (inactive) at or below this magnitude (§5).
 ZERO_TOL = 1e-5
@@ -54,7 +54,7 @@ def bernoulli_kl(probs: jax.Array, prior_prob: float,
   """KL(Bernoulli(p) || Bernoulli(π)), summed over dims, mean over the batch.
 
   probs: (B, D) gate probabilities. Both p and π are clamped to
-  [clamp, 1 − clamp] first (METHOD.md §2.4), so the KL stays finite when a
+  [clamp, 1 − clamp] first (docs/method.md §2.4), so the KL stays finite when a
   gate saturates.
   """
   p = jnp.clip(probs.astype(jnp.float32), clamp, 1.0 - clamp)

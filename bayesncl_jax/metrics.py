@@ -1,4 +1,4 @@
-"""Interpretability and retrieval metrics of features (METHOD.md §5).
+"""Interpretability and retrieval metrics of features (docs/method.md §5).
 
 All metrics take features `f` of shape (N, D) (N samples, D feature dims;
 numpy or jax, cast to float32) and, where needed, integer `labels` of shape

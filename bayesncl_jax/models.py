@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# The same eps guards the L2 normalisation everywhere (METHOD.md §2.3).
+# The same eps guards the L2 normalisation everywhere (docs/method.md §2.3).
 NORM_EPS = 1e-12
 # The noise constant of the authors' Gumbel-sigmoid (docs/method.md §2).
 GUMBEL_EPS = 1e-4
@@ -52,7 +52,7 @@ _NON_NEG: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 def non_negative(z: jax.Array, kind: str) -> jax.Array:
-  """Applies the non-negativity map σ+ named `kind` (METHOD.md §1)."""
+  """Applies the non-negativity map σ+ named `kind` (docs/method.md §1)."""
   try:
     return _NON_NEG[kind](z)
   except KeyError:
@@ -63,7 +63,7 @@ def non_negative(z: jax.Array, kind: str) -> jax.Array:
 def l2_normalize(z: jax.Array, eps: float = NORM_EPS) -> jax.Array:
   """z / max(||z||, eps) over the last axis; no gradient where ||z|| < eps.
 
-  The value is METHOD.md's. Its derivative inside the eps-ball is 1/eps
+  The value is docs/method.md's. Its derivative inside the eps-ball is 1/eps
   (1e12): an all-zero row — every gate closed, or every ReLU output zero,
   which small gated models produce now and then — would send a 1e12-scaled
   gradient into the projector and backbone, and the BatchNorm and bias
@@ -442,7 +442,7 @@ class ContrastiveModel(nn.Module):
 
   def project(self, h: jax.Array, *, train: bool,
               gate_rng: jax.Array | None = None) -> dict[str, jax.Array]:
-    """The head part of the forward pass (METHOD.md §2.2-2.4) from h."""
+    """The head part of the forward pass (docs/method.md §2.2-2.4) from h."""
     z = self.projector(h).astype(jnp.float32)
     # CL is SimCLR: signed features, whatever non_neg says.
     z = non_negative(z, "none" if self.method == "cl" else self.non_neg)

@@ -1,6 +1,6 @@
 """LARS with clipped trust ratio, parameter groups and the warmup-cosine lr.
 
-This reproduces the optimiser of the authors' solo-learn code (METHOD.md §3):
+This reproduces the optimiser of the authors' solo-learn code (docs/method.md §3):
 the torch `LARS` class with `clip_lr=True, exclude_bias_n_norm=True`, stepped
 once per batch with pl_bolts' `LinearWarmupCosineAnnealingLR`.
 
@@ -254,7 +254,7 @@ def param_group_labels(params) -> optax.Params:
 def make_optimizer(
     config, params, total_steps: int, warmup_steps: int
 ) -> tuple[optax.GradientTransformation, dict[str, optax.Schedule]]:
-  """LARS over the parameter groups of METHOD.md §3.
+  """LARS over the parameter groups of docs/method.md §3.
 
   Peak lrs, B = config.optim.batch_size:
     main (backbone + projector): base_lr * B / 256, wd = weight_decay

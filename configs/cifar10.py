@@ -1,4 +1,4 @@
-r"""CIFAR-10 with the authors' settings (METHOD.md §2-4).
+r"""CIFAR-10 with the authors' settings (docs/method.md §2-4).
 
 Data: TFDS `cifar10` prepared once where there is internet
 (`tfds build cifar10 --data_dir=DIR`, or `python -c "import

@@ -1,4 +1,4 @@
-r"""CIFAR-100 with the authors' settings (METHOD.md §2-4).
+r"""CIFAR-100 with the authors' settings (docs/method.md §2-4).
 
 Data: TFDS `cifar100` prepared once (`tfds build cifar100 --data_dir=DIR`),
 then --config.dataset.data_dir=DIR.

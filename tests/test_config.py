@@ -40,7 +40,7 @@ def test_authors_hyperparameters():
           in100.model.non_neg, in100.model.stem) == (16384, 2048, "relu",
                                                      "imagenet")
   for c in (c10, in100):
-    # METHOD §10 / solo-learn: CIFAR stem pads 2, torchvision/PyTorch init,
+    # docs/method.md §10 / solo-learn: CIFAR stem pads 2, torchvision/PyTorch init,
     # BatchNorm over each view's batch.
     assert (c.model.stem_padding, c.model.init, c.model.bn_views) == (
         2, "torch", "separate")

@@ -11,7 +11,7 @@ from bayesncl_jax import models
 
 
 def naive_nt_xent(z, t):
-  """Direct transcription of METHOD.md §2.5 with explicit loops (float64)."""
+  """Direct transcription of docs/method.md §2.5 with explicit loops (float64)."""
   z = np.asarray(z, np.float64)
   n2 = len(z)
   total = 0.0

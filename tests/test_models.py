@@ -438,7 +438,7 @@ def test_config_and_model_agree_on_gate_names():
 
 
 # ----------------------------------------------------------------------------
-# Initialisation schemes and the CIFAR stem's padding (METHOD.md §10).
+# Initialisation schemes and the CIFAR stem's padding (docs/method.md §10).
 # ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def init_params():

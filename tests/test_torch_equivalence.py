@@ -8,7 +8,7 @@ random and implemented differently, so it is bypassed: the test drives
 `train.make_update_fn`, the training step after augmentation). The gate
 noise of the Gumbel-sigmoid gate is drawn by the JAX code and handed to the
 reference as the uniform `u` whose logistic transform it is (the reference
-computes l = log u - log(1 - u), METHOD §2's binary Concrete). This checks
+computes l = log u - log(1 - u), docs/method.md §2's binary Concrete). This checks
 the gate *given* its noise sample — values, straight-through gradients, KL
 on the noiseless p — not the distribution the noise is drawn from.
 
@@ -112,7 +112,7 @@ def _gate_uniforms(gate_rng, bn_views):
   """The u whose logistic transform is the JAX gate's noise, per BN batch.
 
   `gumbel_sigmoid_probs(rng, 0, 1)` = sigmoid(noise) = u for logistic noise
-  (the binary Concrete of METHOD §2); the reference computes
+  (the binary Concrete of docs/method.md §2); the reference computes
   log u - log(1 - u) from it, i.e. the very same noise sample.
   """
   rows = [(jax.random.fold_in(gate_rng, v), B) for v in range(2)] if (

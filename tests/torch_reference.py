@@ -158,7 +158,7 @@ def normalize(z, eps=1e-12):
 
 def forward_view(model: SoloModel, x, *, method, non_neg, gate_type=None,
                  gate_temperature=1.0, threshold=0.5, noise_u=None):
-  """The training forward of one view (METHOD §2): a dict of tensors."""
+  """The training forward of one view (docs/method.md §2): a dict of tensors."""
   h = model.backbone(x)
   z = model.projector(h)
   if method != "cl":

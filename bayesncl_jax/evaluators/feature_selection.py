@@ -7,7 +7,7 @@ also the test split's cosine precision@10 on those dims (all-zero rows
 excluded and counted, as in `retrieval`). Two ranking rules
 (`EvalOptions.selection_rule`, config `eval.selection_rule`):
 
-  ncl (default)  NCL's rule (METHOD.md §9): on the raw projector output
+  ncl (default)  NCL's rule (docs/method.md §9): on the raw projector output
                  z_raw (before σ+), score_d = Σ_n relu(z_raw_nd) /
                  ||relu(z_raw_n)|| (rows with no positive entry add 0),
                  from one pass over the un-augmented train images (NCL

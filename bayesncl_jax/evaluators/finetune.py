@@ -1,6 +1,6 @@
 """Protocol `finetune`: backbone + linear head trained end to end on labels.
 
-NCL's third protocol (METHOD.md §9): the pre-trained backbone and a linear
+NCL's third protocol (docs/method.md §9): the pre-trained backbone and a linear
 head (initialised at zero) are trained with cross-entropy on the train
 split's labels, random resized crop + horizontal flip drawn every epoch,
 BatchNorm in training mode; `finetune_epochs` epochs (30 by default) with

@@ -1,7 +1,7 @@
 """Protocol `interp`: interpretability metrics of the test split's z.
 
 z is the normalised (gated, for BayesNCL) projector output the method
-trains with, extracted in eval mode (METHOD.md §5). Reported:
+trains with, extracted in eval mode (docs/method.md §5). Reported:
 
   semantic_consistency    the papers' class consistency: per active dim,
                           the share of its most frequent class among the

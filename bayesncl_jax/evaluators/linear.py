@@ -1,6 +1,6 @@
 """Protocol `linear`: a linear probe on the frozen backbone features h.
 
-METHOD.md §5: h, not z; backbone in eval mode; top-1/top-5 on the test
+docs/method.md §5: h, not z; backbone in eval mode; top-1/top-5 on the test
 split. Two ways, chosen by `EvalOptions.linear_probe` (config
 `eval.linear_probe`):
 

@@ -15,7 +15,7 @@ of the unit-norm `z`; one learning rate serves every protocol. The test
 features are standardised with the *train* statistics, so nothing about the
 test split leaks into the probe.
 
-The papers' recipes (METHOD.md §5, set by the CIFAR and ImageNet-100
+The papers' recipes (docs/method.md §5, set by the CIFAR and ImageNet-100
 configs) are other values of the same `ProbeConfig`: raw features, LARS or
 SGD, warmup-cosine or step schedules. `make_optimizer` builds the optax
 transformation for any of them; the augmented probe and fine-tuning

@@ -7,7 +7,7 @@ features extracted once:
     head on h = backbone(x) of a fresh random resized crop + horizontal flip
     of every training image in every epoch; the backbone is frozen and in
     eval mode (BatchNorm running statistics), as solo-learn's probe trains.
-  fine-tuning (`finetune`, METHOD.md §9): backbone + linear head trained end
+  fine-tuning (`finetune`, docs/method.md §9): backbone + linear head trained end
     to end on the same augmented images; BatchNorm in training mode, its
     running statistics updated as in pre-training.
 
