@@ -20,6 +20,7 @@ GATE_EVAL_MODES = ("hard", "soft")
 BACKBONES = ("resnet18", "resnet50")
 STEMS = ("cifar", "imagenet")
 DTYPES = ("float32", "bfloat16")
+CROP_ON = ("host", "device")
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagenet100",
             "fashion_mnist_backgrounds")
 
@@ -48,6 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.aug = ml_collections.ConfigDict()
   c.aug.crop_scale = (0.08, 1.0)
   c.aug.hflip_prob = 0.5
+  # Who cuts and resizes the crops: "host" (PIL) or "device" (in the step;
+  # the host sends the image once on a canvas_size^2 canvas, 0 = image_size).
+  c.aug.crop_on = "host"
+  c.aug.canvas_size = 0
   c.aug.color_jitter_prob = 0.8
   c.aug.brightness = 0.8
   c.aug.contrast = 0.8
@@ -195,6 +200,8 @@ def validate(config, num_devices: int | None = None) -> None:
   _choice(config, "dataset.name", DATASETS)
   _choice(config, "gate.type", GATE_TYPES)
   _choice(config, "gate.eval_mode", GATE_EVAL_MODES)
+  _choice(config, "aug.crop_on", CROP_ON)
+  _positive(config, "aug.canvas_size", strict=False)
   for path in ("gate.temperature", "loss.temperature", "optim.batch_size",
                "model.width", "model.proj_hidden",
                "model.proj_out", "dataset.image_size", "dataset.num_classes",
