@@ -359,6 +359,10 @@ def resize_weights(out_size: int, in_size: int, valid, start, length,
   never leaks in and the image edge is handled as PIL does. flip (traced
   bool) reverses the output order: a horizontal flip of the resized crop.
   `valid`, `start`, `length` may be traced scalars.
+
+  (`jax.image.scale_and_translate` computes the same kernel but normalises
+  over the whole canvas, so the zero padding would darken crops that touch
+  the image's bottom or right edge; hence explicit weights.)
   """
   scale = jnp.asarray(length, jnp.float32) / out_size
   centre = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale + start
@@ -402,8 +406,10 @@ def crop_views(batch, out_size: int) -> tuple[Array, Array]:
   """Both views of every example of a device-crop batch.
 
   batch: {"canvas": uint8 (B, Hc, Wc, C), "hw": int (B, 2), "boxes": int
-  (B, 2, 4), "flips": bool (B, 2), ...} as made by
-  `input_pipeline.TwoBoxes`. Returns (view1, view2), uint8 (B, S, S, C).
+  (B, 2, 4), "flips": bool (B, 2), ...} as made by the device-crop
+  pipeline (`input_pipeline.TwoBoxes` + `CanvasBatch`). Returns (view1,
+  view2), uint8 (B, S, S, C). Device memory: two (S, K) float32 weight
+  matrices and one (K, S, C) float32 intermediate per view.
   """
   def one(canvas, hw, boxes, flips):
     return tuple(crop_resize(canvas, hw, boxes[v], flips[v], out_size)

@@ -194,8 +194,9 @@ class TwoBoxes(grain.transforms.RandomMap):
   (PIL bicubic, aspect kept) to fit, and their boxes drawn on the shrunk
   image. Boxes and flips are drawn by `draw_view_params` in the order of
   `TwoViews` (box 1, flip 1, box 2, flip 2), so both paths draw the same
-  crops from the same random numbers. `CanvasBatch` then places a batch of
-  images on one zeroed canvas array (a single copy of each image), and
+  crops from the same random numbers. `ragged_batch` batches the images at
+  their own sizes (worker processes send only their pixels), `CanvasBatch`
+  places them on one zeroed canvas array in the main process, and
   `augment.crop_views` cuts the views on the device.
   """
 
@@ -228,28 +229,39 @@ class TwoBoxes(grain.transforms.RandomMap):
             "label": np.int32(element["label"])}
 
 
-class CanvasBatch:
+def ragged_batch(elements) -> dict[str, Any]:
   """Grain `batch_fn` of device crops: `TwoBoxes` examples -> one batch.
+
+  The images keep their own sizes (a list), so worker processes send only
+  their pixels to the main process, where `CanvasBatch` pads them; the
+  other fields are stacked.
+  """
+  out = {"images": [element["image"] for element in elements]}
+  for key in ("hw", "boxes", "flips", "label"):
+    out[key] = np.stack([element[key] for element in elements])
+  return out
+
+
+class CanvasBatch(grain.transforms.Map):
+  """A `ragged_batch` -> the device-crop batch, in the main process.
 
   The images go into the top-left corners of one zeroed (b, K, K, C) uint8
   array (the padding is never read by `augment.crop_views`, whose weights
-  stop at the true height/width); the other fields are stacked.
+  stop at the true height/width): one copy of each image's pixels.
   """
 
   def __init__(self, canvas_size: int):
     self.canvas_size = int(canvas_size)
 
-  def __call__(self, elements) -> dict[str, np.ndarray]:
+  def map(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
     k = self.canvas_size
-    channels = elements[0]["image"].shape[-1]
-    canvas = np.zeros((len(elements), k, k, channels), np.uint8)
-    for i, element in enumerate(elements):
-      height, width = element["image"].shape[:2]
-      canvas[i, :height, :width] = element["image"]
-    out = {"canvas": canvas}
-    for key in ("hw", "boxes", "flips", "label"):
-      out[key] = np.stack([element[key] for element in elements])
-    return out
+    images = batch["images"]
+    channels = images[0].shape[-1]
+    canvas = np.zeros((len(images), k, k, channels), np.uint8)
+    for i, image in enumerate(images):
+      canvas[i, :image.shape[0], :image.shape[1]] = image
+    return {"canvas": canvas, **{key: value for key, value in batch.items()
+                                 if key != "images"}}
 
 
 def two_view_transform(config) -> grain.transforms.RandomMap:
@@ -333,7 +345,10 @@ def _read_options(config) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=buffer, prefetch_buffer_size=buffer)
 
 
-def _to_iter_dataset(ds: grain.MapDataset, config) -> grain.IterDataset:
+def _to_iter_dataset(ds: grain.MapDataset, config,
+                     finish: grain.transforms.Map | None = None
+                     ) -> grain.IterDataset:
+  """Threads (and worker processes) for `ds`; `finish` in this process."""
   ids = ds.to_iter_dataset(_read_options(config))
   if config.dataset.num_workers > 0:
     # Worker w computes batches w, w + W, ...; the main process interleaves
@@ -341,6 +356,8 @@ def _to_iter_dataset(ds: grain.MapDataset, config) -> grain.IterDataset:
     ids = ids.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(config.dataset.num_workers),
         per_worker_buffer_size=max(1, int(config.dataset.prefetch_buffer))))
+  if finish is not None:
+    ids = ids.map(finish)
   return ids
 
 
@@ -355,9 +372,11 @@ class PretrainIterator(grain.DatasetIterator):
   """
 
   def __init__(self, batches: grain.MapDataset, config,
-               identity: dict[str, Any]):
+               identity: dict[str, Any],
+               finish: grain.transforms.Map | None = None):
     super().__init__()
     self._batches = batches
+    self._finish = finish
     self._config = config
     self._identity = dict(identity)
     self._next_batch = 0
@@ -368,7 +387,8 @@ class PretrainIterator(grain.DatasetIterator):
       ds = self._batches
       if self._next_batch:
         ds = ds.slice(slice(self._next_batch, None))
-      self._iterator = iter(_to_iter_dataset(ds, self._config))
+      self._iterator = iter(_to_iter_dataset(ds, self._config,
+                                             self._finish))
     return self._iterator
 
   def __next__(self) -> dict[str, np.ndarray]:
@@ -476,8 +496,8 @@ def create_pretrain_iterator(config, *, process_index: int | None = None,
               .random_map(two_view_transform(config)))
   # As many local positions as the endless stream has whole global batches.
   num_local = len(elements) // global_batch * local_batch
-  batch_fn = (CanvasBatch(canvas_size(config))
-              if config.aug.get("crop_on", "host") == "device" else None)
+  device_crops = config.aug.get("crop_on", "host") == "device"
+  batch_fn = ragged_batch if device_crops else None
   batches = (grain.MapDataset.range(num_local)
              .map(_RowsOfGlobalBatches(elements, process_index, local_batch,
                                        global_batch))
@@ -487,7 +507,9 @@ def create_pretrain_iterator(config, *, process_index: int | None = None,
               "global_batch_size": global_batch,
               "num_examples": len(source),
               "image_size": int(config.dataset.image_size)}
-  return PretrainIterator(batches, config, identity)
+  return PretrainIterator(
+      batches, config, identity,
+      finish=CanvasBatch(canvas_size(config)) if device_crops else None)
 
 
 def num_eval_batches(config, split: str, batch_size: int, *,

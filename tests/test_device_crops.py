@@ -145,7 +145,8 @@ def test_two_boxes_draws_what_two_views_draws():
   # A batch: every image in the top-left of its zeroed canvas.
   small = dev.random_map({"image": image[:20, :30], "label": 1},
                          np.random.default_rng(0))
-  batch = input_pipeline.CanvasBatch(64)([boxes, small])
+  batch = input_pipeline.CanvasBatch(64).map(
+      input_pipeline.ragged_batch([boxes, small]))
   assert batch["canvas"].shape == (2, 64, 64, 3)
   np.testing.assert_array_equal(batch["canvas"][0, :40, :50], image)
   np.testing.assert_array_equal(batch["canvas"][1, :20, :30], image[:20, :30])
@@ -177,23 +178,24 @@ def _config(crop_on, **overrides):
   return c
 
 
-def _source(channels=3, n=16):
-  rng = np.random.default_rng(0)
-  images = np.zeros((n, 64, 64, channels), np.uint8)
-  sizes = []
-  for i in range(n):  # varied sizes: the canvas pads each differently.
-    h, w = (int(v) for v in rng.integers(24, 65, 2))
-    images[i, :h, :w] = photo_like(rng, h, w, channels)
-    sizes.append((h, w))
+class VariedSizes:
+  """n photo-like images of sizes 24..64 (picklable, for Grain workers)."""
 
-  class VariedSizes:
-    def __len__(self):
-      return n
+  def __init__(self, channels=3, n=16):
+    rng = np.random.default_rng(0)
+    self.images = []
+    for _ in range(n):  # varied sizes: the canvas pads each differently.
+      h, w = (int(v) for v in rng.integers(24, 65, 2))
+      self.images.append(photo_like(rng, h, w, channels))
 
-    def __getitem__(self, i):
-      h, w = sizes[i]
-      return {"image": images[i, :h, :w], "label": i % 10}
+  def __len__(self):
+    return len(self.images)
 
+  def __getitem__(self, i):
+    return {"image": self.images[i], "label": i % 10}
+
+
+def _source():
   return VariedSizes()
 
 
@@ -216,6 +218,17 @@ def test_device_pipeline_gives_the_host_pipeline_views():
       assert diff.max() <= MAX_LEVELS and diff.mean() <= MEAN_LEVELS
   with pytest.raises(config_lib.ConfigError, match="aug.crop_on"):
     config_lib.validate(_config("gpu"))
+  # A worker process sends the images at their own sizes; the padded
+  # batches are the same as without workers.
+  it = input_pipeline.create_pretrain_iterator(
+      _config("device", **{"dataset.num_workers": 1}), process_index=0,
+      process_count=1, source=source)
+  with_worker = [next(it) for _ in range(3)]
+  it.close()
+  for a, b in zip(with_worker, batches["device"]):
+    assert set(a) == set(b)
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_train_step_with_device_crops_matches_host_crops():
