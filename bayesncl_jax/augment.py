@@ -1,9 +1,19 @@
 """SimCLR photometric augmentations on the accelerator (docs/method.md §4).
 
-The BYOL split (STYLE.md): the host decodes images and makes the random
-resized crops and horizontal flips as uint8; everything here — colour jitter,
-grayscale, Gaussian blur, solarisation and normalisation — runs inside the
-jitted train step, one PRNG key per example, vmapped over the batch.
+The host decodes images and draws the random resized crop boxes and
+horizontal flips. Where the pixels are cut and resized is a switch,
+`config.aug.crop_on`:
+
+* "host": the host also cuts and resizes (PIL bicubic) and sends two uint8
+  views per image;
+* "device": the host sends the decoded image once, on a fixed-size uint8
+  canvas, with its true height/width, both boxes and flips; `crop_views`
+  cuts and resizes both views here, inside the jitted step (antialiased
+  bicubic, as PIL), which takes the most expensive host stage off the host.
+
+Everything else — colour jitter, grayscale, Gaussian blur, solarisation and
+normalisation — runs inside the jitted train step either way, one PRNG key
+per example, vmapped over the batch.
 
 Single-image functions take float32 images in [0, 1] of shape (H, W, C) and
 return the same shape, clipped to [0, 1]. Their semantics follow torchvision's
@@ -315,3 +325,105 @@ def augment_batch(rng: Array, images_uint8: Array,
   out = jax.vmap(lambda key, img: augment_image(key, img, aug_config, mean,
                                                 std))(keys, images_uint8)
   return out.astype(dtype)
+
+
+# ----------------------------------------------------------------------------
+# Random resized crops on the device (config.aug.crop_on = "device").
+# ----------------------------------------------------------------------------
+
+# Keys' cubic convolution parameter of PIL's (and torchvision's) bicubic.
+BICUBIC_A = -0.5
+
+
+def keys_cubic(x: Array, a: float = BICUBIC_A) -> Array:
+  """Keys' cubic kernel: (a+2)|x|³ − (a+3)|x|² + 1 on |x| < 1,
+  a(|x|³ − 5|x|² + 8|x| − 4) on 1 ≤ |x| < 2, else 0 (PIL's bicubic)."""
+  x = jnp.abs(x)
+  near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+  far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+  return jnp.where(x < 1.0, near, jnp.where(x < 2.0, far, 0.0))
+
+
+def resize_weights(out_size: int, in_size: int, valid, start, length,
+                   flip=False) -> Array:
+  """(out_size, in_size) antialiased bicubic weights along one axis.
+
+  Output pixel i of a crop [start, start + length) of an axis with `valid`
+  real pixels (the rest of the `in_size` canvas is padding) is
+  Σ_j W[i, j] x[j] with, as PIL's resampling:
+    centre c_i = start + (i + 0.5) · length / out_size,
+    s = max(length / out_size, 1) (the kernel widens when shrinking:
+      antialiasing),
+    W[i, j] ∝ keys_cubic((j + 0.5 − c_i) / s) for j < valid, 0 beyond,
+  each row normalised to sum 1 over the valid pixels only, so the padding
+  never leaks in and the image edge is handled as PIL does. flip (traced
+  bool) reverses the output order: a horizontal flip of the resized crop.
+  `valid`, `start`, `length` may be traced scalars.
+
+  (`jax.image.scale_and_translate` computes the same kernel but normalises
+  over the whole canvas, so the zero padding would darken crops that touch
+  the image's bottom or right edge; hence explicit weights.)
+  """
+  scale = jnp.asarray(length, jnp.float32) / out_size
+  centre = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale + start
+  support = jnp.maximum(scale, 1.0)
+  j = jnp.arange(in_size, dtype=jnp.float32)
+  w = keys_cubic((j[None, :] + 0.5 - centre[:, None]) / support)
+  w = jnp.where(j[None, :] < valid, w, 0.0)
+  total = jnp.sum(w, axis=1, keepdims=True)
+  w = w / jnp.where(total != 0, total, 1.0)
+  return jnp.where(flip, w[::-1], w)
+
+
+def crop_resize(canvas: Array, hw: Array, box: Array, flip, out_size: int
+                ) -> Array:
+  """One view: the `box` of the image on `canvas`, resized, maybe flipped.
+
+  canvas: (Hc, Wc, C) uint8 with the image in its top-left (h, w) = hw;
+  box: (4,) int (top, left, height, width) inside the image; flip: bool.
+  Returns (out_size, out_size, C) uint8, what PIL's
+  `image.resize((S, S), BICUBIC, box=...)` (then a mirror if flip) gives,
+  up to PIL's fixed-point rounding. Two matmuls with the weights of
+  `resize_weights` (columns, then rows), at Precision.HIGH: TF32 on GPUs,
+  bf16×3 on TPUs, float32 on CPUs.
+  """
+  hc, wc = canvas.shape[0], canvas.shape[1]
+  top, left, height, width = (box[i].astype(jnp.float32) for i in range(4))
+  rows = resize_weights(out_size, hc, hw[0], top, height)
+  cols = resize_weights(out_size, wc, hw[1], left, width, flip)
+  x = canvas.astype(jnp.float32)
+  precision = jax.lax.Precision.HIGH
+  # Columns first, rounded and clipped to 0..255 in between, as PIL's two
+  # 8-bit passes (horizontal, then vertical): the clipping of the cubic's
+  # overshoot in between is what PIL's views have.
+  x = jnp.einsum("tw,hwc->htc", cols, x, precision=precision)
+  x = jnp.clip(jnp.round(x), 0.0, 255.0)
+  x = jnp.einsum("sh,htc->stc", rows, x, precision=precision)
+  return jnp.clip(jnp.round(x), 0.0, 255.0).astype(jnp.uint8)
+
+
+def crop_views(batch, out_size: int) -> tuple[Array, Array]:
+  """Both views of every example of a device-crop batch.
+
+  batch: {"canvas": uint8 (B, Hc, Wc, C), "hw": int (B, 2), "boxes": int
+  (B, 2, 4), "flips": bool (B, 2), ...} as made by the device-crop
+  pipeline (`input_pipeline.TwoBoxes` + `CanvasBatch`). Returns (view1,
+  view2), uint8 (B, S, S, C). Device memory: two (S, K) float32 weight
+  matrices and one (K, S, C) float32 intermediate per view.
+  """
+  def one(canvas, hw, boxes, flips):
+    return tuple(crop_resize(canvas, hw, boxes[v], flips[v], out_size)
+                 for v in range(2))
+  return jax.vmap(one)(batch["canvas"], batch["hw"], batch["boxes"],
+                       batch["flips"])
+
+
+def views_of_batch(batch, out_size: int) -> tuple[Array, Array]:
+  """(view1, view2) uint8 of a pre-training batch, whichever side cropped.
+
+  Host crops: the batch holds "view1"/"view2"; device crops: it holds the
+  canvas and the boxes, cut here with `crop_views`.
+  """
+  if "canvas" in batch:
+    return crop_views(batch, out_size)
+  return batch["view1"], batch["view2"]

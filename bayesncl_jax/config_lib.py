@@ -23,6 +23,7 @@ STEM_PADDINGS = (0, 1, 2)
 INITS = ("torch", "flax")
 BN_VIEWS = ("separate", "joint")
 DTYPES = ("float32", "bfloat16")
+CROP_ON = ("host", "device")
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagenet100",
             "fashion_mnist_backgrounds")
 LINEAR_PROBES = ("features", "augmented")
@@ -55,6 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.aug = ml_collections.ConfigDict()
   c.aug.crop_scale = (0.08, 1.0)
   c.aug.hflip_prob = 0.5
+  # Who cuts and resizes the crops: "host" (PIL) or "device" (in the step;
+  # the host sends the image once on a canvas_size^2 canvas, 0 = image_size).
+  c.aug.crop_on = "host"
+  c.aug.canvas_size = 0
   c.aug.color_jitter_prob = 0.8
   c.aug.brightness = 0.8
   c.aug.contrast = 0.8
@@ -370,6 +375,8 @@ def validate(config, num_devices: int | None = None) -> None:
         f"1..{config.model.proj_out} (config.model.proj_out) for "
         "method='ncl_topk'. Fix it with --config.model.top_k=K or the config "
         "argument top_k=K.")
+  _choice(config, "aug.crop_on", CROP_ON)
+  _positive(config, "aug.canvas_size", strict=False)
   for path in ("gate.temperature", "loss.temperature", "optim.batch_size",
                "model.width", "model.proj_hidden",
                "model.proj_out", "dataset.image_size", "dataset.num_classes",

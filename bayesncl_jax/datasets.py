@@ -204,7 +204,9 @@ def decode_record(record: bytes) -> tuple[int, bytes]:
 def decode_image(data: bytes) -> np.ndarray:
   """Decodes JPEG/PNG bytes to uint8 (H, W, 3) RGB (grey/CMYK converted)."""
   with Image.open(io.BytesIO(data)) as image:
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    if image.mode != "RGB":  # convert() would copy even an RGB image.
+      image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8)
 
 
 # ----------------------------------------------------------------------------

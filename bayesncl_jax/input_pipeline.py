@@ -1,15 +1,27 @@
 """Grain input pipelines: two augmented views for pre-training, plain eval.
 
-Host side only does what needs the full-resolution image (docs/method.md §4):
-random resized crop (bicubic) and horizontal flip. Colour jitter, grayscale,
-blur and solarisation run on the accelerator, inside the jitted step.
+The host decodes images and draws the random-resized-crop boxes and flips
+(docs/method.md §4). `config.aug.crop_on` says who cuts and resizes the views:
+"host" (PIL bicubic, here) or "device" (`augment.crop_views`, inside the
+jitted step; the host only pads the decoded image onto a fixed canvas).
+Colour jitter, grayscale, blur and solarisation always run on the
+accelerator.
 
 Pre-training batches (per process, `b = config.optim.batch_size //
 process_count`; rows `[p*b, (p+1)*b)` of one global stream that does not
-depend on the process count)::
+depend on the process count), host crops::
 
   {"view1": uint8 (b, S, S, C), "view2": uint8 (b, S, S, C),
    "label": int32 (b,)}
+
+device crops (K = `config.aug.canvas_size`, or S when 0)::
+
+  {"canvas": uint8 (b, K, K, C), "hw": int32 (b, 2) true image size,
+   "boxes": int32 (b, 2, 4) (top, left, height, width) per view,
+   "flips": bool (b, 2), "label": int32 (b,)}
+
+Both use the same boxes and flips from the same random numbers, so with the
+same seed they give the same views up to resampling rounding.
 
 Eval batches (per process, `b = batch_size // process_count`)::
 
@@ -36,6 +48,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from bayesncl_jax import config_lib
 from bayesncl_jax import datasets
 
 # torchvision RandomResizedCrop defaults.
@@ -132,6 +145,18 @@ def center_crop_resize(image: np.ndarray, size: int,
 # ----------------------------------------------------------------------------
 
 
+def draw_view_params(height: int, width: int, crop_scale, hflip_prob: float,
+                     rng: np.random.Generator
+                     ) -> tuple[tuple[int, int, int, int], bool]:
+  """One view's crop box `(top, left, h, w)` and flip, in this order.
+
+  The one sampler of both crop paths: with the same generator state they
+  draw the same box and flip.
+  """
+  box = random_resized_crop_params(height, width, crop_scale, CROP_RATIO, rng)
+  return box, bool(rng.random() < hflip_prob)
+
+
 class TwoViews(grain.transforms.RandomMap):
   """Two independent random-resized-crop + flip views of one example."""
 
@@ -143,10 +168,10 @@ class TwoViews(grain.transforms.RandomMap):
 
   def _view(self, pil: Image.Image, channels: int,
             rng: np.random.Generator) -> np.ndarray:
-    box = random_resized_crop_params(pil.height, pil.width, self.crop_scale,
-                                     CROP_RATIO, rng)
+    box, flip = draw_view_params(pil.height, pil.width, self.crop_scale,
+                                 self.hflip_prob, rng)
     view = _crop_resize(pil, self.image_size, self.image_size, box)
-    if rng.random() < self.hflip_prob:
+    if flip:
       # In PIL: a numpy [:, ::-1] copy costs ~0.2 ms at 224 px, 10x this.
       view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return _from_pil(view, channels)
@@ -159,6 +184,103 @@ class TwoViews(grain.transforms.RandomMap):
     return {"view1": self._view(pil, channels, rng),
             "view2": self._view(pil, channels, rng),
             "label": np.int32(element["label"])}
+
+
+class TwoBoxes(grain.transforms.RandomMap):
+  """The host half of device crops, per example: the image, two boxes, flips.
+
+  Returns {"image": uint8 (h, w, C), "hw", "boxes", "flips", "label"}.
+  Images larger than the K x K canvas (K = canvas_size) are first shrunk
+  (PIL bicubic, aspect kept) to fit, and their boxes drawn on the shrunk
+  image. Boxes and flips are drawn by `draw_view_params` in the order of
+  `TwoViews` (box 1, flip 1, box 2, flip 2), so both paths draw the same
+  crops from the same random numbers. `ragged_batch` batches the images at
+  their own sizes (worker processes send only their pixels), `CanvasBatch`
+  places them on one zeroed canvas array in the main process, and
+  `augment.crop_views` cuts the views on the device.
+  """
+
+  def __init__(self, canvas_size: int, crop_scale: tuple[float, float],
+               hflip_prob: float):
+    self.canvas_size = int(canvas_size)
+    self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+    self.hflip_prob = float(hflip_prob)
+
+  def fit(self, image: np.ndarray) -> np.ndarray:
+    """`image`, shrunk to fit the canvas if it does not."""
+    height, width = image.shape[:2]
+    k = self.canvas_size
+    if height <= k and width <= k:
+      return image
+    factor = k / max(height, width)
+    return resize_bicubic(image, min(k, max(1, round(height * factor))),
+                          min(k, max(1, round(width * factor))))
+
+  def random_map(self, element: dict[str, Any],
+                 rng: np.random.Generator) -> dict[str, Any]:
+    image = self.fit(np.asarray(element["image"], dtype=np.uint8))
+    height, width = image.shape[:2]
+    boxes, flips = zip(*(draw_view_params(height, width, self.crop_scale,
+                                          self.hflip_prob, rng)
+                         for _ in range(2)))
+    return {"image": image, "hw": np.asarray((height, width), np.int32),
+            "boxes": np.asarray(boxes, np.int32),
+            "flips": np.asarray(flips, np.bool_),
+            "label": np.int32(element["label"])}
+
+
+def ragged_batch(elements) -> dict[str, Any]:
+  """Grain `batch_fn` of device crops: `TwoBoxes` examples -> one batch.
+
+  The images keep their own sizes (a list), so worker processes send only
+  their pixels to the main process, where `CanvasBatch` pads them; the
+  other fields are stacked.
+  """
+  out = {"images": [element["image"] for element in elements]}
+  for key in ("hw", "boxes", "flips", "label"):
+    out[key] = np.stack([element[key] for element in elements])
+  return out
+
+
+class CanvasBatch(grain.transforms.Map):
+  """A `ragged_batch` -> the device-crop batch, in the main process.
+
+  The images go into the top-left corners of one zeroed (b, K, K, C) uint8
+  array (the padding is never read by `augment.crop_views`, whose weights
+  stop at the true height/width): one copy of each image's pixels.
+  """
+
+  def __init__(self, canvas_size: int):
+    self.canvas_size = int(canvas_size)
+
+  def map(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    k = self.canvas_size
+    images = batch["images"]
+    channels = images[0].shape[-1]
+    canvas = np.zeros((len(images), k, k, channels), np.uint8)
+    for i, image in enumerate(images):
+      canvas[i, :image.shape[0], :image.shape[1]] = image
+    return {"canvas": canvas, **{key: value for key, value in batch.items()
+                                 if key != "images"}}
+
+
+def two_view_transform(config) -> grain.transforms.RandomMap:
+  """`TwoViews` or `TwoBoxes`, as `config.aug.crop_on` says."""
+  crop_on = config.aug.get("crop_on", "host")
+  if crop_on == "host":
+    return TwoViews(config.dataset.image_size, config.aug.crop_scale,
+                    config.aug.hflip_prob)
+  if crop_on == "device":
+    return TwoBoxes(canvas_size(config), config.aug.crop_scale,
+                    config.aug.hflip_prob)
+  raise ValueError(f"config.aug.crop_on={crop_on!r}; expected one of "
+                   f"{config_lib.CROP_ON}.")
+
+
+def canvas_size(config) -> int:
+  """Side of the device-crop canvas: aug.canvas_size, or S when 0."""
+  return int(config.aug.get("canvas_size", 0)) or int(
+      config.dataset.image_size)
 
 
 class EvalExample(grain.transforms.Map):
@@ -223,7 +345,10 @@ def _read_options(config) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=buffer, prefetch_buffer_size=buffer)
 
 
-def _to_iter_dataset(ds: grain.MapDataset, config) -> grain.IterDataset:
+def _to_iter_dataset(ds: grain.MapDataset, config,
+                     finish: grain.transforms.Map | None = None
+                     ) -> grain.IterDataset:
+  """Threads (and worker processes) for `ds`; `finish` in this process."""
   ids = ds.to_iter_dataset(_read_options(config))
   if config.dataset.num_workers > 0:
     # Worker w computes batches w, w + W, ...; the main process interleaves
@@ -231,6 +356,8 @@ def _to_iter_dataset(ds: grain.MapDataset, config) -> grain.IterDataset:
     ids = ids.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(config.dataset.num_workers),
         per_worker_buffer_size=max(1, int(config.dataset.prefetch_buffer))))
+  if finish is not None:
+    ids = ids.map(finish)
   return ids
 
 
@@ -245,9 +372,11 @@ class PretrainIterator(grain.DatasetIterator):
   """
 
   def __init__(self, batches: grain.MapDataset, config,
-               identity: dict[str, Any]):
+               identity: dict[str, Any],
+               finish: grain.transforms.Map | None = None):
     super().__init__()
     self._batches = batches
+    self._finish = finish
     self._config = config
     self._identity = dict(identity)
     self._next_batch = 0
@@ -258,7 +387,8 @@ class PretrainIterator(grain.DatasetIterator):
       ds = self._batches
       if self._next_batch:
         ds = ds.slice(slice(self._next_batch, None))
-      self._iterator = iter(_to_iter_dataset(ds, self._config))
+      self._iterator = iter(_to_iter_dataset(ds, self._config,
+                                             self._finish))
     return self._iterator
 
   def __next__(self) -> dict[str, np.ndarray]:
@@ -335,7 +465,8 @@ def create_pretrain_iterator(config, *, process_index: int | None = None,
 
   Args:
     config: the full config (reads `seed`, `dataset.*`, `aug.crop_scale`,
-      `aug.hflip_prob`, `optim.batch_size`).
+      `aug.hflip_prob`, `aug.crop_on`, `aug.canvas_size`,
+      `optim.batch_size`).
     process_index: this process; default `jax.process_index()`.
     process_count: number of processes; default `jax.process_count()`.
     source: random-access source to read instead of the configured training
@@ -362,21 +493,23 @@ def create_pretrain_iterator(config, *, process_index: int | None = None,
               .shuffle()
               # Endless; each epoch gets its own permutation and crops.
               .repeat(None)
-              .random_map(TwoViews(config.dataset.image_size,
-                                   config.aug.crop_scale,
-                                   config.aug.hflip_prob)))
+              .random_map(two_view_transform(config)))
   # As many local positions as the endless stream has whole global batches.
   num_local = len(elements) // global_batch * local_batch
+  device_crops = config.aug.get("crop_on", "host") == "device"
+  batch_fn = ragged_batch if device_crops else None
   batches = (grain.MapDataset.range(num_local)
              .map(_RowsOfGlobalBatches(elements, process_index, local_batch,
                                        global_batch))
-             .batch(local_batch, drop_remainder=True))
+             .batch(local_batch, drop_remainder=True, batch_fn=batch_fn))
   # Nothing process-specific: the position is the global batch count.
   identity = {"order": "global", "seed": int(config.seed),
               "global_batch_size": global_batch,
               "num_examples": len(source),
               "image_size": int(config.dataset.image_size)}
-  return PretrainIterator(batches, config, identity)
+  return PretrainIterator(
+      batches, config, identity,
+      finish=CanvasBatch(canvas_size(config)) if device_crops else None)
 
 
 def num_eval_batches(config, split: str, batch_size: int, *,

@@ -4,8 +4,10 @@ r"""Draws a grid of the two augmented views the training step sees.
       --out=docs/augmentations.png [--num_images=8]
 
 Each column is one training image; the two rows are its view 1 and view 2
-exactly as the jitted train step makes them (host crops + flips from the Grain pipeline, then the
-on-device colour jitter / grayscale / blur / solarisation), de-normalised.
+exactly as the jitted train step makes them (crops + flips from the Grain
+pipeline, cut on the host or the device as `config.aug.crop_on` says, then
+the on-device colour jitter / grayscale / blur / solarisation),
+de-normalised.
 """
 from __future__ import annotations
 
@@ -42,10 +44,12 @@ def augmented_views(config, num_images: int, seed: int = 0):
   mean = np.asarray(config.dataset.mean, np.float32)
   std = np.asarray(config.dataset.std, np.float32)
   rng1, rng2 = jax.random.split(jax.random.key(seed))
+  # Host crops: the views themselves; device crops: cut here, as the step.
+  crops = augment.views_of_batch(batch, config.dataset.image_size)
   views = []
-  for rng, key in ((rng1, "view1"), (rng2, "view2")):
+  for rng, crop in zip((rng1, rng2), crops):
     x = jax.jit(lambda r, v: augment.augment_batch(
-        r, v, config.aug, tuple(mean), tuple(std)))(rng, batch[key])
+        r, v, config.aug, tuple(mean), tuple(std)))(rng, crop)
     views.append(np.clip(np.asarray(x) * std + mean, 0, 1))
   return views[0], views[1]
 

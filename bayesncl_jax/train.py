@@ -3,7 +3,8 @@
 The state is a plain pytree (`TrainState`), born sharded: its shapes come from
 `jax.eval_shape` and `init` is jitted with `out_shardings`. The step is one
 `jax.jit` with `NamedSharding`s and the state donated; the host only feeds
-uint8 crops, all other augmentation happens inside the step.
+uint8 crops (or, with `aug.crop_on=device`, the image and the crop boxes),
+all other augmentation happens inside the step.
 """
 from __future__ import annotations
 
@@ -195,9 +196,11 @@ def make_update_fn(config, model, tx, row_sharding=None):
 def make_train_step(setup: Setup):
   """Returns the jitted step `(state, batch, rng) -> (state, metrics)`.
 
-  batch: {"view1", "view2": uint8 (B, S, S, C), "label": int32 (B,)},
-  sharded over `data`. The RNG of step t is fold_in(rng, t), so a resumed
-  run draws the same augmentations and gate noise as an uninterrupted one.
+  batch: {"view1", "view2": uint8 (B, S, S, C), "label": int32 (B,)}, or
+  the device-crop batch of `input_pipeline` (canvas + boxes; the views are
+  cut here by `augment.views_of_batch`), sharded over `data`. The RNG of
+  step t is fold_in(rng, t), so a resumed run draws the same augmentations
+  and gate noise as an uninterrupted one.
   Augmentation, then `make_update_fn`.
   """
   config, model, tx, mesh = setup.config, setup.model, setup.tx, setup.mesh
@@ -209,10 +212,9 @@ def make_train_step(setup: Setup):
   def step_fn(state: TrainState, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
     rng_v1, rng_v2, rng_gate = jax.random.split(rng, 3)
-    view1 = augment.augment_batch(rng_v1, batch["view1"], config.aug, mean,
-                                  std, dtype)
-    view2 = augment.augment_batch(rng_v2, batch["view2"], config.aug, mean,
-                                  std, dtype)
+    view1, view2 = augment.views_of_batch(batch, config.dataset.image_size)
+    view1 = augment.augment_batch(rng_v1, view1, config.aug, mean, std, dtype)
+    view2 = augment.augment_batch(rng_v2, view2, config.aug, mean, std, dtype)
     new_state, metrics, _ = update(state, view1, view2, batch["label"],
                                    rng_gate)
     metrics["lr"] = main_lr(state.step)

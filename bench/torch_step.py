@@ -320,11 +320,26 @@ def main():
   p.add_argument("--variant", default="eager")
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--width", type=int, default=64)
+  p.add_argument("--stage_sizes", default="",
+                 help="e.g. 1,1,1,1 for a tiny model; '' = standard depth.")
+  p.add_argument("--proj_hidden", type=int, default=2048)
+  p.add_argument("--proj_out", type=int, default=256)
+  p.add_argument("--num_classes", type=int, default=10)
+  p.add_argument("--peak_flops", type=float, default=None,
+                 help="Peak FLOP/s of the device, for MFU.")
+  p.add_argument("--flops_per_step", type=float, default=None,
+                 help="Model FLOPs of one step (XLA's count of the same JAX "
+                 "step), for MFU.")
   a = p.parse_args()
   r = bench(method=a.method, backbone=a.backbone, image_size=a.image_size,
             dtype=a.dtype, stem="cifar" if a.image_size < 64 else "imagenet",
-            batch_size=a.batch_size, variant=a.variant, steps=a.steps,
-            warmup=a.warmup)
+            batch_size=a.batch_size, width=a.width,
+            stage_sizes=[int(x) for x in a.stage_sizes.split(",") if x],
+            proj_hidden=a.proj_hidden, proj_out=a.proj_out,
+            num_classes=a.num_classes, variant=a.variant, steps=a.steps,
+            warmup=a.warmup, peak_flops=a.peak_flops,
+            flops_per_step=a.flops_per_step)
   common.emit(r, f"torch/{r['variant']} {r['method']}: {r['median_ms']:.1f} "
               f"ms/step, {r['images_per_sec_per_device']:.1f} img/s")
 

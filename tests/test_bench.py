@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -84,20 +85,34 @@ def test_step_throughput_torch_eager(step_records):
 def test_input_pipeline_bench():
   records = _run("input_pipeline_bench.py", "--num_images=10",
                  "--num_classes=2", "--jpeg_size=160x120", "--image_size=32",
-                 "--batch_size=4", "--batches=2", "--workers=0,1",
+                 "--batch_size=4", "--batches=4", "--workers=0,1",
                  "--resize_shorter=0,60", "--stage_images=4",
-                 "--aug_batch=4", "--aug_steps=2")
-  host = [r for r in records if r["bench"] == "host_pipeline"]
-  assert [(r["resize_shorter"], r["workers"]) for r in host] == [
-      (0, 0), (0, 1), (60, 0), (60, 1)]
+                 "--crop_on=host,device", "--canvas_size=160",
+                 "--fashion_mnist=1", "--fashion_mnist_batch=8",
+                 "--aug_batch=4", "--aug_steps=2", timeout=300)
+  host = [r for r in records if r["bench"] == "host_pipeline"
+          and r["dataset"] == "imagenet100"]
+  assert [(r["resize_shorter"], r["crop_on"], r["workers"]) for r in host] == [
+      (0, "host", 0), (0, "host", 1), (0, "device", 0), (0, "device", 1),
+      (60, "host", 0), (60, "host", 1), (60, "device", 0), (60, "device", 1)]
   for r in host:
-    _positive(r, "images_per_sec", "cpu_ms_per_image",
-              "host_cores_per_accelerator", "mean_jpeg_kib")
+    _positive(r, "images_per_sec", "mean_jpeg_kib")
+    assert r["canvas_size"] == (160 if r["crop_on"] == "device" else None)
   stages = [r for r in records if r["bench"] == "host_stages"]
   # The records really were pre-resized: 160x120 -> shorter side 60.
   assert [r["stored_hw"] for r in stages] == [[120, 160], [60, 80]]
   for r in stages:
-    _positive(r, "decode_ms_per_image", "two_crops_ms_per_image")
+    _positive(r, "decode_ms_per_image", "two_crops_ms_per_image",
+              "boxes_ms_per_image")
+  if os.path.exists("/usr/share/datasets/fashion-mnist"):
+    small = [(r["crop_on"], r["workers"]) for r in records
+             if r["bench"] == "host_pipeline"
+             and r["dataset"] == "fashion_mnist"]
+    assert small == [("host", 0), ("host", 1), ("device", 0), ("device", 1)]
+  (crop,) = [r for r in records if r["bench"] == "device_crop"]
+  _positive(crop, "ms_per_image", "flops_per_image")
+  # At least the two matmuls per view: 2·S·Wc·Hc·C + 2·S·S·Hc·C.
+  assert crop["flops_per_image"] >= 2 * 2 * 32 * 160 * 3 * (160 + 32)
   (aug,) = [r for r in records if r["bench"] == "device_augment"]
   _positive(aug, "ms_per_image", "median_ms")
 
@@ -171,3 +186,50 @@ def test_compare_methods_rewrites_markdown_from_json(tmp_path):
   assert "| claim | this seed | numbers |" in md
   assert "1/C by construction" in md
   assert "BayesNCL gate: `gumbel_sigmoid` as implemented when this ran" in md
+
+
+def test_gpu_sh_tiny(tmp_path):
+  """bench/gpu.sh --tiny: the GPU suite at toy sizes on the CPU."""
+  results = tmp_path / "RESULTS.md"
+  results.write_text("# Benchmark results\n")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  done = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--tiny",
+                         f"--out={tmp_path / 'runs'}", f"--results={results}"],
+                        cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=900)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  (path,) = (tmp_path / "runs").glob("gpu_*.json")
+  run = json.loads(path.read_text())
+  assert run["tiny"] and run["device"]["backend"] == "cpu"
+  (jr,) = run["step"]
+  assert (jr["framework"], jr["method"], jr["dtype"]) == ("jax", "bayesncl",
+                                                          "bfloat16")
+  _positive(jr, "images_per_sec_per_device", "flops_per_step_per_device")
+  if HAS_TORCH:
+    (tr,) = run["torch"]
+    assert tr["variant"] == "eager"
+    _positive(tr, "images_per_sec_per_device", "jax_over_torch_throughput")
+  feed = {r["bench"]: r for r in run["feed"]}
+  _positive(feed["feed_step"], "step_alone_images_per_sec",
+            "fed_images_per_sec")
+  smoke = feed["train_smoke"]
+  assert smoke["all_finite"] and smoke["steps"] >= 3
+  text = results.read_text()
+  assert text.startswith("# Benchmark results\n")
+  assert text.count("## GPU runs (`bench/gpu.sh`)") == 1
+  assert "| cpu (--tiny, CPU) | jax | jit | bayesncl | 32 | bfloat16 |" in text
+  assert "device crops, canvas 96 → 32 px" in text
+  assert "training smoke" in text
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi", path="/usr/bin:/bin")
+                    is not None, reason="a GPU machine: gpu.sh would run")
+def test_gpu_sh_refuses_without_a_gpu(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PATH"] = "/usr/bin:/bin"  # no nvidia-smi
+  done = subprocess.run(["bash", str(BENCH / "gpu.sh"),
+                         f"--results={tmp_path / 'R.md'}"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2 and "--tiny" in done.stderr
+  assert not (tmp_path / "R.md").exists()
