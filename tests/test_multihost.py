@@ -27,7 +27,9 @@ import numpy as np
 import portpicker
 import pytest
 
+from bayesncl_jax import augment
 from bayesncl_jax import config_lib
+from bayesncl_jax import datasets
 from bayesncl_jax import input_pipeline
 from bayesncl_jax import sharding
 from bayesncl_jax import train
@@ -66,13 +68,16 @@ class Job:
 
   def __init__(self, workdir: Path | str, *, devices: int, processes: int = 1,
                args=(), worker: bool = False, timeout: int = 120,
-               only=None, cache: Path | None = None, logs: Path | None = None):
+               only=None, cache: Path | None = None, logs: Path | None = None,
+               program=None):
     """Starts the processes (`only`: just these process ids).
 
     `cache`: a JAX persistent compilation cache shared by the jobs of this
     test module; jobs with the same device layout then compile once.
     `logs`: where the logs go (`logs.p{i}.log`), default next to
     `workdir`; needed when the workdir is a gs:// URL.
+    `program`: what runs before `--workdir` (default: main, or the worker,
+    with the TINY config), e.g. ["-m", "bayesncl_jax.evaluate"].
     """
     self.workdir = workdir
     only = range(processes) if only is None else only
@@ -88,8 +93,10 @@ class Job:
         PYTHONUNBUFFERED="1")
     if cache is not None:
       env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
-    program = [str(WORKER)] if worker else ["-m", "bayesncl_jax.main"]
-    common = [sys.executable, *program, *TINY, f"--workdir={workdir}", *args]
+    if program is None:
+      program = ([str(WORKER)] if worker
+                 else ["-m", "bayesncl_jax.main"]) + TINY
+    common = [sys.executable, *program, f"--workdir={workdir}", *args]
     if processes > 1:
       address = f"127.0.0.1:{portpicker.pick_unused_port()}"
       self.address = address
@@ -277,6 +284,99 @@ def test_two_process_checkpoint_resumes_on_one_process(scaled):
   want = read_metrics(scaled["one"].workdir)[CKPT_STEP:]
   assert_metrics_close(read_metrics(scaled["resumed"].workdir), want,
                        rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------
+# 1b. Multi-process evaluation == one process == a direct computation.
+# ----------------------------------------------------------------------------
+# kNN over all 256 examples with equal votes (T huge): every query is given
+# the majority class of the pool (and the 5 most frequent classes), so top-1
+# and top-5 are known from the labels alone, and only if --knn_k and
+# --knn_temperature reach the classifier.
+EVAL_ARGS = ["--protocols=knn,interp,grids", "--knn_k=256",
+             "--knn_temperature=1e6",
+             # 256 examples in batches of 48 (24 per process): padded.
+             "--batch_size=48", "--grid_dims=3", "--grid_images=4"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(scaled, cache):
+  """`bayesncl_jax.evaluate` on the 2-process run's final checkpoint, by
+  1 process x 4 devices and by 2 processes x 2 devices, in parallel."""
+  src = scaled["two"].workdir
+  jobs = {}
+  for name, devices, processes in (("one", 4, 1), ("two", 2, 2)):
+    workdir = src.with_name(f"eval_{name}")
+    shutil.copytree(src, workdir)
+    jobs[name] = Job(workdir, devices=devices, processes=processes,
+                     cache=cache, program=["-m", "bayesncl_jax.evaluate"],
+                     args=EVAL_ARGS)
+  run_jobs(*jobs.values())
+  return {name: job.workdir / "eval" for name, job in jobs.items()}
+
+
+def _direct_forward(workdir: Path):
+  """Eval-mode outputs of the final state on the 256 examples, 1 device."""
+  config = train.load_config(workdir)
+  setup = train.build(config, sharding.make_mesh(jax.devices()[:1]))
+  state = restored_state(workdir, TOTAL_STEPS)
+  source = datasets.get_source(config.dataset, config.dataset.eval_split)
+  images = np.stack([source[i]["image"] for i in range(len(source))])
+  labels = np.array([source[i]["label"] for i in range(len(source))])
+  x = augment.normalize(images, config.dataset.mean, config.dataset.std)
+  out = jax.jit(lambda v, x: setup.model.apply(v, x, train=False))(
+      {"params": state.params, "batch_stats": state.batch_stats}, x)
+  return jax.device_get(out), labels
+
+
+def test_two_process_online_eval_equals_a_direct_computation(scaled):
+  """summary.json of the 2-process run vs a plain forward of its state.
+
+  The end-of-run evaluation reads 256 examples in a global batch of 512
+  (128 real + 128 padding rows per process).
+  """
+  workdir = scaled["two"].workdir
+  summary = json.loads((workdir / "summary.json").read_text())
+  out, labels = _direct_forward(workdir)
+  assert labels.size == 256
+  want = {"test_online_acc": np.mean(np.argmax(out["logits"], -1) == labels),
+          "test_sparsity": np.mean(np.abs(out["z"]) <= 1e-5),
+          "test_gate_open_rate": np.mean(out["gate_mask"])}
+  for key, value in want.items():
+    np.testing.assert_allclose(summary[key], value, rtol=0, atol=1e-6,
+                               err_msg=key)
+
+
+def test_two_process_evaluation_equals_one_process(evaluated):
+  """Each process extracts its strided share; together, the 1-process set."""
+  one, two = ({k: v for k, v in json.loads((evaluated[name] / "report.json")
+                                          .read_text()).items()
+               if k not in ("seconds", "protocol")} for name in ("one", "two"))
+  assert one["num_test_examples"] == two["num_test_examples"] == 256
+  assert one.keys() == two.keys()
+  for key, value in one.items():
+    if isinstance(value, float):
+      np.testing.assert_allclose(two[key], value, rtol=1e-5, err_msg=key)
+    else:
+      assert two[key] == value, key
+  grids = [np.load(evaluated[name] / "top_activations.npz")
+           for name in ("one", "two")]
+  for key in ("dims", "indices", "labels", "images"):
+    np.testing.assert_array_equal(grids[1][key], grids[0][key], err_msg=key)
+
+
+def test_evaluate_flags_reach_the_knn_classifier(evaluated, scaled):
+  config = train.load_config(scaled["two"].workdir)
+  source = datasets.get_source(config.dataset, config.dataset.eval_split)
+  labels = np.array([source[i]["label"] for i in range(len(source))])
+  counts = np.sort(np.bincount(labels, minlength=10))[::-1]
+  assert counts[0] > counts[1]            # one majority class: 30 of 256.
+  for name in ("one", "two"):
+    report = json.loads((evaluated[name] / "report.json").read_text())
+    assert report["knn_top1"] == pytest.approx(counts[0] / 256), name
+    # Top-5: the 5 most frequent classes, whichever of equally frequent
+    # ones wins the 5th place.
+    assert report["knn_top5"] == pytest.approx(np.sum(counts[:5]) / 256), name
 
 
 # ----------------------------------------------------------------------------
