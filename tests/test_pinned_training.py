@@ -89,11 +89,14 @@ def steps():
   mesh = sharding.make_mesh(jax.devices()[:1])
   views = _Recorder(augment.augment_batch, ("view1", "view2"),
                     lambda args, out: (out,))
-  noise = _Recorder(models.gumbel_sigmoid_probs, ("gate",),
+  # One gate call per view (config.model.bn_views="separate", the default).
+  noise = _Recorder(models.gumbel_sigmoid_probs, ("gate1", "gate2"),
                     lambda args, out: (args[1], out))
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(augment, "augment_batch", views)
     mp.setattr(models, "gumbel_sigmoid_probs", noise)
+    # gate_mask looks the noisy gate up in this table, filled at import.
+    mp.setitem(models._NOISY_GATES, "gumbel_sigmoid", noise)  # pylint: disable=protected-access
     setup = train.build(config, mesh)
     state = train.init_state(setup, jax.random.key(0))
     step = train.make_train_step(setup)
@@ -112,6 +115,9 @@ def steps():
       state, m = step(state, batch, key)
       jax.block_until_ready(m)
       jax.effects_barrier()
+      # Both views' gate calls, rows in the order of the 2B-row batch.
+      calls = [record.pop(t) for t in ("gate1", "gate2") if t in record]
+      record["gate"] = tuple(np.concatenate(parts) for parts in zip(*calls))
       records.append(record)
       metrics.append(jax.device_get(m))
       return state
