@@ -621,7 +621,7 @@ def test_compare_three_methods(tiny_runs, tmp_path, browser):
   compare = (out / "compare.html").read_text()
   reports = [json.loads((pathlib.Path(w) / "eval" / "report.json")
                         .read_text()) for w in workdirs]
-  row = re.search(r"<td>semantic consistency</td>(.*?)</tr>", compare)
+  row = re.search(r"<td>semantic consistency[^<]*</td>(.*?)</tr>", compare)
   assert row, "no consistency row"
   for r in reports:
     assert f"{r['semantic_consistency']:.4f}" in row.group(1)
