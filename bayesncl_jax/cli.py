@@ -126,10 +126,14 @@ def explain(e: BaseException) -> str | None:
 def _fail(message: str | None, e: BaseException):
   if message is None or verbose():
     raise e
-  text = "\n".join(textwrap.fill(p, 79, break_long_words=False,
-                                 break_on_hyphens=False)
-                   if len(p) > 79 and not p.startswith("  ") else p
-                   for p in f"error: {message}".split("\n"))
+  # "error: " is an indent, not a word: a long first word (a path) then
+  # stays on the first line instead of leaving "error:" alone on it.
+  text = "\n".join(
+      textwrap.fill(p, 79, break_long_words=False, break_on_hyphens=False,
+                    initial_indent="error: " if i == 0 else "")
+      if len(p) > 79 and not p.startswith("  ")
+      else ("error: " if i == 0 else "") + p
+      for i, p in enumerate(message.split("\n")))
   print(f"{text}\n{_HINT}", file=sys.stderr, flush=True)
   sys.exit(EXIT_USER_ERROR)
 

@@ -26,9 +26,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file.")
-flags.DEFINE_string("out", "augmentations.png", "Output PNG path.")
-flags.DEFINE_integer("num_images", 8, "Images (columns) to show.")
+
+
+def define_flags():
+  """The command's flags; defined only when it runs as a command, so that
+  importing this module next to the other tools defines no flag twice."""
+  config_flags.DEFINE_config_file("config", None, "Config file.")
+  flags.DEFINE_string("out", "augmentations.png", "Output PNG path.")
+  flags.DEFINE_integer("num_images", 8, "Images (columns) to show.")
 
 
 def augmented_views(config, num_images: int, seed: int = 0):
@@ -82,5 +87,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)

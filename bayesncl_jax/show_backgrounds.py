@@ -18,15 +18,20 @@ from ml_collections import config_flags
 import numpy as np
 
 from bayesncl_jax import datasets
-from bayesncl_jax import evaluate
+from bayesncl_jax.evaluators import base as evaluators_base
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file.")
-flags.DEFINE_string("out", "backgrounds_examples.png", "Output PNG path.")
-flags.DEFINE_string("split", "train", "Split to draw from.")
+
+
+def define_flags():
+  """The command's flags; defined only when it runs as a command, so that
+  importing this module next to the other tools defines no flag twice."""
+  config_flags.DEFINE_config_file("config", None, "Config file.")
+  flags.DEFINE_string("out", "backgrounds_examples.png", "Output PNG path.")
+  flags.DEFINE_string("split", "train", "Split to draw from.")
 
 
 def example_grid(dataset_config, split: str = "train"):
@@ -39,7 +44,7 @@ def example_grid(dataset_config, split: str = "train"):
   if names is None:
     raise ValueError(f"Dataset {dataset_config.name!r} has no backgrounds; "
                      "use configs/fashion_mnist_backgrounds.py.")
-  classes = evaluate.CLASS_NAMES["fashion_mnist"]
+  classes = evaluators_base.CLASS_NAMES["fashion_mnist"]
   labels = np.asarray(source.labels)
   background = np.asarray(source.backgrounds)
   grid = np.zeros((len(names), len(classes)) + source[0]["image"].shape,
@@ -82,5 +87,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)

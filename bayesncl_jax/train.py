@@ -556,7 +556,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   setup = build(config, mesh)
   mesh = setup.mesh
-  workdir = paths.ensure_dir(workdir)
+  workdir = paths.check(workdir)
   total = setup.total_steps
   record = run_record.RunRecord(workdir)
   diff = record.check_config(config, allow_change=allow_config_change)
@@ -566,6 +566,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  total)
     return {**finished, "already_finished": True}
   preflight.check_training(config, workdir)
+  paths.ensure_dir(workdir)  # after the checks: a failed start writes nothing
   mngr = checkpoint_manager(workdir, config)
   data_iter = input_pipeline.create_pretrain_iterator(config)
   rng = jax.random.key(config.seed)

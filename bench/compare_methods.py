@@ -167,8 +167,10 @@ def comparison_markdown(result: dict) -> str:
   curves = {m: {p["k"]: p for p in reports[m].get("feature_selection", [])}
             for m in methods}
   ks = sorted({k for c in curves.values() for k in c})
-  rules = sorted({str(reports[m].get("feature_selection_rule")) for m in
-                  methods})
+  # Reports older than the rule field ranked by the summed |z| of the final
+  # features: today's rule `gated_z`.
+  rules = sorted({str(reports[m].get("feature_selection_rule", "gated_z"))
+                  for m in methods})
   if ks:
     lines += ["", "## Feature selection: linear top-1 / retrieval P@10 on "
               "the k top-ranked dims (ranked on the train split, rule "

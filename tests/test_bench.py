@@ -28,7 +28,7 @@ TINY_MODEL = ["--backbones=resnet18", "--image_sizes=32", "--width=8",
               "--steps=2", "--warmup=1"]
 
 
-def _run(script: str, *args: str, timeout: int = 120) -> list[dict]:
+def _run(script: str, *args: str, timeout: int = 600) -> list[dict]:
   env = dict(os.environ)
   # conftest asks for 8 simulated devices; the benchmarks choose their own.
   env.pop("XLA_FLAGS", None)

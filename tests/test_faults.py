@@ -269,8 +269,8 @@ def test_rerun_of_finished_run_changes_nothing(finished, tmp_path):
   assert "already finished its 4 steps; nothing was changed" in proc.stdout
   assert snapshot(workdir) == before  # summary.json byte-identical
   # The summary ends with the next commands for this workdir.
+  assert f"python -m bayesncl_jax.evaluate --workdir={workdir}\n" in proc.stdout
   assert proc.stdout.rstrip().endswith(
-      f"python -m bayesncl_jax.evaluate --workdir={workdir}\n"
       f"   tensorboard --logdir={workdir}/tensorboard")
 
 
