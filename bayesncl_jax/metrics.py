@@ -333,6 +333,12 @@ def semantic_consistency(f, labels, num_classes: int | None = None,
 
   f: (N, D); labels: (N,) ints in [0, num_classes) (default max + 1).
   """
+  counts = _dim_label_counts(f, labels, num_classes, top_k, eps, rank_by)
+  return float(_consistency_from_counts(counts))
+
+
+def _dim_label_counts(f, labels, num_classes, top_k, eps, rank_by):
+  """(D, C) label counts over each dim's activating (or top-k) samples."""
   f = _as_features(f)
   labels, num_classes = _as_labels(labels, f.shape[0], num_classes)
   by_value = _check_rank_by(rank_by) == "value"
@@ -342,7 +348,7 @@ def semantic_consistency(f, labels, num_classes: int | None = None,
     top_k = min(_check_positive_int(top_k, "top_k"), f.shape[0])
     counts = _top_k_class_counts(f, labels, eps, num_classes, top_k,
                                  by_value)
-  return float(_consistency_from_counts(counts))
+  return counts
 
 
 def dim_purity(f, labels, num_classes: int | None = None,
@@ -355,15 +361,7 @@ def dim_purity(f, labels, num_classes: int | None = None,
   With `labels` a nuisance label (e.g. the background), the same formula
   gives the dim's nuisance purity.
   """
-  f = _as_features(f)
-  labels, num_classes = _as_labels(labels, f.shape[0], num_classes)
-  by_value = _check_rank_by(rank_by) == "value"
-  if top_k is None:
-    counts = _class_mass(f, labels, eps, num_classes, "frequency")
-  else:
-    top_k = min(_check_positive_int(top_k, "top_k"), f.shape[0])
-    counts = _top_k_class_counts(f, labels, eps, num_classes, top_k,
-                                 by_value)
+  counts = _dim_label_counts(f, labels, num_classes, top_k, eps, rank_by)
   return np.asarray(_purity_from_counts(counts))
 
 
