@@ -557,6 +557,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   setup = build(config, mesh)
   mesh = setup.mesh
   workdir = paths.check(workdir)
+  if paths.is_remote(workdir):
+    paths.ensure_dir(workdir)  # the bucket must exist; writes nothing
   total = setup.total_steps
   record = run_record.RunRecord(workdir)
   diff = record.check_config(config, allow_change=allow_config_change)
