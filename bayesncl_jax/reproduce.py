@@ -560,6 +560,12 @@ def ledger_markdown(ledger: dict[str, Any]) -> str:
   for v in variants:
     lines.append(f"| {v} | " + " | ".join(
         _mean_std(ledger["summary"][v].get(k)) for k in head) + " |")
+  if "cl" in variants and "semantic_consistency" in head:
+    lines += ["", "CL's semantic consistency is 1/C by construction (dense "
+              "signed features activate every dim on every sample, so the "
+              "metric is the largest class share): not comparable with the "
+              "non-negative variants; read the top-k consistency instead "
+              "where it is reported."]
   base = ledger["baseline"]
   paired = ledger["paired_vs_baseline"]
   if paired:
