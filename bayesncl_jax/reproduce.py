@@ -58,6 +58,7 @@ import time
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from scipy import stats
 
 # name -> (config argument, description); the order is the ledger's.
 VARIANTS = {
@@ -123,53 +124,6 @@ class ReproduceError(RuntimeError):
 # ----------------------------------------------------------------------------
 # Statistics.
 # ----------------------------------------------------------------------------
-def student_t_cdf(t: float, df: int) -> float:
-  """P(T <= t) for Student's t with an integer number of degrees of freedom.
-
-  Closed form (Abramowitz & Stegun 26.7.3-4) with θ = atan(t / √df):
-  A = P(|T| <= |t|) is 2θ/π + (2/π) sinθ Σ (odd df) or sinθ Σ (even df),
-  Σ the finite cosine series of the handbook.
-  """
-  if df < 1 or int(df) != df:
-    raise ValueError(f"df must be a positive integer, got {df}")
-  theta = math.atan(abs(t) / math.sqrt(df))
-  s, c = math.sin(theta), math.cos(theta)
-  if df % 2:
-    term, series = c, 0.0
-    for k in range(1, (df - 1) // 2 + 1):  # k-th term: c^(2k-1) · ratio
-      if k > 1:
-        term *= c * c * (2 * k - 2) / (2 * k - 1)
-      series += term
-    a = 2 / math.pi * (theta + s * series) if df > 1 else 2 * theta / math.pi
-  else:
-    term, series = 1.0, 1.0
-    for k in range(1, df // 2):
-      term *= c * c * (2 * k - 1) / (2 * k)
-      series += term
-    a = s * series
-  return 0.5 + 0.5 * a if t >= 0 else 0.5 - 0.5 * a
-
-
-def student_t_quantile(p: float, df: int) -> float:
-  """The p-quantile of Student's t (bisection on `student_t_cdf`)."""
-  if not 0.0 < p < 1.0:
-    raise ValueError(f"p must be in (0, 1), got {p}")
-  lo, hi = -1.0, 1.0
-  while student_t_cdf(lo, df) > p:
-    lo *= 2
-  while student_t_cdf(hi, df) < p:
-    hi *= 2
-  for _ in range(200):
-    mid = 0.5 * (lo + hi)
-    if student_t_cdf(mid, df) < p:
-      lo = mid
-    else:
-      hi = mid
-    if hi - lo < 1e-12 * max(1.0, abs(mid)):
-      break
-  return 0.5 * (lo + hi)
-
-
 def describe(values: Sequence[float]) -> dict[str, Any]:
   """n, mean and sample standard deviation (ddof 1; None below 2 values)."""
   x = np.asarray(values, np.float64)
@@ -184,8 +138,9 @@ def paired_difference(values: dict[int, float], baseline: dict[int, float],
 
   Returns n, the seeds, the mean and standard deviation of the differences,
   the two-sided Student-t confidence interval mean ± t_{(1+c)/2, n−1} ·
-  std / √n (None for n < 2), and the sign count (positive, negative, zero).
-  None when no seed is shared.
+  std / √n and the paired t-test's two-sided p-value (scipy.stats.ttest_rel;
+  both None for n < 2, the p-value also when every difference is the same),
+  and the sign count (positive, negative, zero). None when no seed is shared.
   """
   seeds = sorted(set(values) & set(baseline))
   if not seeds:
@@ -196,10 +151,17 @@ def paired_difference(values: dict[int, float], baseline: dict[int, float],
          "ci": None, "confidence": confidence,
          "positive": int((d > 0).sum()), "negative": int((d < 0).sum()),
          "zero": int((d == 0).sum())}
+  out["p_value"] = None
   if d.size > 1:
-    half = (student_t_quantile(0.5 + confidence / 2, d.size - 1)
-            * out["std"] / math.sqrt(d.size))
-    out["ci"] = [out["mean"] - half, out["mean"] + half]
+    a = np.asarray([values[s] for s in seeds], np.float64)
+    b = np.asarray([baseline[s] for s in seeds], np.float64)
+    if out["std"] > 0:
+      test = stats.ttest_rel(a, b)
+      ci = test.confidence_interval(confidence)
+      out["ci"] = [float(ci.low), float(ci.high)]
+      out["p_value"] = float(test.pvalue)
+    else:           # no spread: scipy's interval is nan, the width is 0.
+      out["ci"] = [out["mean"], out["mean"]]
   return out
 
 

@@ -20,20 +20,31 @@ FMNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
 # ----------------------------------------------------------------------------
 # Statistics.
 # ----------------------------------------------------------------------------
-@pytest.mark.parametrize("df", [1, 2, 3, 4, 7, 10, 29, 100])
-def test_student_t_matches_scipy(df):
-  for p in (0.025, 0.1, 0.5, 0.9, 0.975, 0.995):
-    assert reproduce.student_t_quantile(p, df) == pytest.approx(
-        stats.t.ppf(p, df), abs=1e-9)
-  for t in (-4.0, -0.7, 0.0, 1.3, 6.0):
-    assert reproduce.student_t_cdf(t, df) == pytest.approx(
-        stats.t.cdf(t, df), abs=1e-12)
+@pytest.mark.parametrize("n", [2, 3, 5, 10])
+def test_ledger_intervals_are_scipys(n):
+  rng = np.random.default_rng(n)
+  var, ncl = rng.normal(0.5, 0.1, n), rng.normal(0.45, 0.1, n)
+  d = reproduce.paired_difference(dict(enumerate(var)), dict(enumerate(ncl)))
+  test = stats.ttest_rel(var, ncl)
+  ci = test.confidence_interval(0.95)
+  assert d["ci"] == [ci.low, ci.high]
+  assert d["p_value"] == test.pvalue
+  # The textbook interval: mean ± t_{0.975, n-1} · sd / √n.
+  diff = var - ncl
+  half = stats.t.ppf(0.975, n - 1) * diff.std(ddof=1) / math.sqrt(n)
+  assert d["ci"] == pytest.approx([diff.mean() - half, diff.mean() + half],
+                                  abs=1e-14)
 
 
 def test_student_t_table_values():
-  # The 97.5% points every statistics table prints.
-  for df, t in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262)):
-    assert reproduce.student_t_quantile(0.975, df) == pytest.approx(
+  # The 97.5% points every statistics table prints:
+  # differences 0, 1, ..., n-1 give half-widths t · sd / √n.
+  for n, t in ((2, 12.706), (3, 4.303), (5, 2.776), (10, 2.262)):
+    diffs = np.arange(n, dtype=np.float64)
+    d = reproduce.paired_difference(dict(enumerate(diffs)),
+                                    dict(enumerate(np.zeros(n))))
+    half = (d["ci"][1] - d["ci"][0]) / 2
+    assert half / (diffs.std(ddof=1) / math.sqrt(n)) == pytest.approx(
         t, abs=5e-4)
 
 
@@ -62,6 +73,10 @@ def test_paired_difference_by_hand():
   assert (d["positive"], d["negative"], d["zero"]) == (2, 1, 0)
   single = reproduce.paired_difference({0: 1.0}, {0: 1.0})
   assert single["ci"] is None and single["zero"] == 1
+  assert single["p_value"] is None
+  # No spread: a zero-width interval (scipy's would be nan), no p-value.
+  flat = reproduce.paired_difference({0: 1.5, 1: 2.5}, {0: 1.0, 1: 2.0})
+  assert flat["ci"] == [0.5, 0.5] and flat["p_value"] is None
   assert reproduce.paired_difference({1: 1.0}, {0: 1.0}) is None
 
 
