@@ -14,9 +14,10 @@ Object stores have no append and no directories:
   write per second to one object, so on gs:// a flush uploads only if
   `REMOTE_FLUSH_SECONDS` passed since the last upload, unless forced (the
   training loop forces one with every checkpoint and at the end).
-* `tensorboard_writer` writes TensorBoard event files through the same
-  layer (on gs:// the whole event file is rewritten at each flush, as
-  tensorboardX's own cloud writers do).
+* `tensorboard_writer` writes TensorBoard event files with tensorboardX's
+  public `EventsWriter` to a local file; on gs:// that file is uploaded
+  whole through this layer at the flushes (as tensorboardX's own cloud
+  writers rewrite the object).
 * `ensure_dir` creates local folders; for `gs://` it only checks that the
   bucket exists (a missing bucket is an error, never created implicitly).
 
@@ -33,7 +34,7 @@ import io
 import json
 import os
 import shutil
-import threading
+import tempfile
 import time
 from typing import Any
 
@@ -260,54 +261,6 @@ class Appender:
       self._file = None
 
 
-class _RemoteRecordWriter:
-  """tensorboardX record writer for gs:// through this module.
-
-  tensorboardX's own gs:// writer needs a `google.cloud.storage.Client`
-  (slow to create, a project to bill) and uploads again from `__del__` at
-  interpreter exit; this one uploads the event file at each flush and once
-  at close.
-  """
-
-  def __init__(self, path: str):
-    self._path = check(path)
-    self._buffer = io.BytesIO()
-    self._uploaded = 0
-    self._uploaded_at = -float("inf")
-    self._lock = threading.Lock()
-    self.force_next_flush = False
-    self.closed = False
-
-  def write(self, data: bytes) -> None:
-    with self._lock:
-      self._buffer.write(data)
-
-  def flush(self) -> None:
-    with self._lock:
-      now = time.monotonic()
-      force, self.force_next_flush = self.force_next_flush, False
-      if self._buffer.tell() != self._uploaded and (
-          force or now - self._uploaded_at >= REMOTE_FLUSH_SECONDS):
-        epath.Path(self._path).write_bytes(self._buffer.getvalue())
-        self._uploaded = self._buffer.tell()
-        self._uploaded_at = now
-
-  def close(self) -> None:
-    if not self.closed:
-      self.force_next_flush = True
-      self.flush()
-      self.closed = True
-
-
-class _RemoteRecordWriterFactory:
-
-  def open(self, path: str) -> _RemoteRecordWriter:
-    return _RemoteRecordWriter(path)
-
-  def directory_check(self, path: str) -> None:
-    ensure_dir(path)
-
-
 class TensorBoardWriter:
   """Scalars to a TensorBoard event file in a local or gs:// folder.
 
@@ -316,21 +269,36 @@ class TensorBoardWriter:
   `flush`, or a forced one on gs://, every scalar added is in the file, so a
   run killed right after a checkpoint loses none. One new event file per
   writer, as TensorBoard expects.
+
+  Only tensorboardX's public `EventsWriter` (write_event, flush, close) is
+  used, always on a local file: for a gs:// logdir the file lives in a
+  temporary folder and each upload copies it whole to the bucket through
+  this module (fsspec), at most once per REMOTE_FLUSH_SECONDS unless
+  forced. tensorboardX's own gs:// writer is left alone (it needs a
+  `google.cloud.storage.Client`, a project to bill, and uploads again from
+  `__del__` at interpreter exit).
   """
 
   def __init__(self, logdir: PathLike, purge_step: int | None = None):
     """purge_step: TensorBoard hides the events of steps >= it (a resume)."""
     # pylint: disable=g-import-not-at-top
-    from tensorboardX import record_writer
     from tensorboardX.proto import event_pb2
     from tensorboardX.event_file_writer import EventsWriter
     # pylint: enable=g-import-not-at-top
-    logdir = ensure_dir(logdir)
-    if is_remote(logdir):
-      for scheme in REMOTE_SCHEMES:
-        record_writer.register_writer_factory(scheme.rstrip(":/"),
-                                              _RemoteRecordWriterFactory())
-    self._events = EventsWriter(join(logdir, "events"))
+    self.logdir = ensure_dir(logdir)
+    self._remote = is_remote(self.logdir)
+    self._uploaded_size = 0
+    self._uploaded_at = -float("inf")
+    if self._remote:
+      self._local_dir = tempfile.mkdtemp(prefix="bayesncl_tensorboard_")
+      self._events = EventsWriter(os.path.join(self._local_dir, "events"))
+      # The one file EventsWriter created; the bucket gets its name.
+      [name] = os.listdir(self._local_dir)
+      self._local_file = os.path.join(self._local_dir, name)
+      self.path = join(self.logdir, name)
+    else:
+      self._local_dir = None
+      self._events = EventsWriter(join(self.logdir, "events"))
     if purge_step is not None:  # what tensorboardX's SummaryWriter writes.
       self._events.write_event(event_pb2.Event(
           wall_time=time.time(), step=int(purge_step),
@@ -349,14 +317,29 @@ class TensorBoardWriter:
   def flush(self, force: bool = False) -> None:
     """Local: to disk. gs://: uploaded if forced or REMOTE_FLUSH_SECONDS
     passed since the last upload."""
-    # pylint: disable-next=protected-access
-    writer = self._events._py_recordio_writer._writer
-    if force and isinstance(writer, _RemoteRecordWriter):
-      writer.force_next_flush = True
     self._events.flush()
+    if not self._remote:
+      return
+    now = time.monotonic()
+    size = os.path.getsize(self._local_file)
+    if size != self._uploaded_size and (
+        force or now - self._uploaded_at >= REMOTE_FLUSH_SECONDS):
+      with open(self._local_file, "rb") as f:
+        data = f.read()
+      epath.Path(self.path).write_bytes(data)
+      self._uploaded_size = len(data)
+      self._uploaded_at = now
 
   def close(self) -> None:
+    if self._events is None:
+      return
+    self._events.flush()
+    if self._remote:
+      self.flush(force=True)
     self._events.close()
+    self._events = None
+    if self._local_dir is not None:
+      shutil.rmtree(self._local_dir, ignore_errors=True)
 
 
 def tensorboard_writer(logdir: PathLike, purge_step: int | None = None

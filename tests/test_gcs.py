@@ -180,6 +180,36 @@ def test_paths_on_the_bucket(gcs, prefix, tmp_path):
     paths.ensure_dir("gs:/bucket/run")
 
 
+def test_tensorboard_events_reach_the_bucket_through_public_apis(gcs, prefix):
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  factories = dict(record_writer.REGISTERED_FACTORIES)
+  logdir = paths.join(prefix, "tensorboard")
+  writer = paths.tensorboard_writer(logdir, purge_step=7)
+  # tensorboardX's own gs:// writer is not replaced for the process.
+  assert record_writer.REGISTERED_FACTORIES == factories
+  writer.add_scalar("loss", 0.25, 7)
+  writer.flush(force=True)
+  [event_file] = paths.listdir(logdir)
+  url = paths.join(logdir, event_file)
+  assert read_events(raw_object(gcs, url)) == [(7, "loss", 0.25)]
+  # Unforced flushes within REMOTE_FLUSH_SECONDS of an upload upload
+  # nothing; a forced one and close do.
+  writer.add_scalar("loss", 0.5, 8)
+  writer.flush()
+  assert read_events(raw_object(gcs, url)) == [(7, "loss", 0.25)]
+  writer.add_scalar("loss", 0.75, 9)
+  writer.flush(force=True)
+  assert read_events(raw_object(gcs, url))[-1] == (9, "loss", 0.75)
+  writer.add_scalar("acc", 1.0, 10)
+  local_dir = writer._local_dir  # pylint: disable=protected-access
+  writer.close()
+  assert read_events(raw_object(gcs, url)) == [
+      (7, "loss", 0.25), (8, "loss", 0.5), (9, "loss", 0.75),
+      (10, "acc", 1.0)]
+  assert paths.listdir(logdir) == [event_file]
+  assert not os.path.exists(local_dir)       # the local copy is cleaned up.
+
+
 def test_imagenet100_converted_to_and_read_from_the_bucket(gcs, prefix,
                                                            tmp_path):
   src = tmp_path / "src"
