@@ -1,17 +1,14 @@
 """Figures of the evaluation: top-activation grids, histograms, curves.
 
-Matplotlib through `Figure` objects with the Agg canvas, never pyplot: no
-display, no global figure state, safe to call from tests and from several
-evaluations in one process. `path` may be local or gs:// (`paths`).
+Matplotlib through `Figure` objects, never pyplot and no `matplotlib.use`
+(importing this module leaves a notebook's backend alone; savefig picks
+the Agg canvas for PNG by itself): no display, no global figure state,
+safe to call from tests and from several evaluations in one process. `path` may be local or gs:// (`paths`).
 """
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from matplotlib.figure import Figure
 import numpy as np
 

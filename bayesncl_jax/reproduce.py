@@ -563,7 +563,6 @@ def ledger_markdown(ledger: dict[str, Any]) -> str:
 def ledger_figure(ledger: dict[str, Any], path: str) -> bool:
   """Consistency against linear accuracy, one dot per seed, mean ± std."""
   import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   head = ledger["headline"]
   x_key = "linear_top1" if "linear_top1" in head else None

@@ -14,7 +14,7 @@ from __future__ import annotations
 from absl import app
 from absl import flags
 import jax
-import matplotlib
+from matplotlib.figure import Figure
 import numpy as np
 from ml_collections import config_flags
 
@@ -22,8 +22,6 @@ from bayesncl_jax import augment
 from bayesncl_jax import input_pipeline
 from bayesncl_jax import paths
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -61,7 +59,8 @@ def augmented_views(config, num_images: int, seed: int = 0):
 
 def draw(view1, view2, path: str):
   n = len(view1)
-  fig, axes = plt.subplots(2, n, figsize=(1.4 * n, 3.2))
+  fig = Figure(figsize=(1.4 * n, 3.2))     # no pyplot, no backend switch
+  axes = fig.subplots(2, n, squeeze=False)
   rows = (("view 1", view1), ("view 2", view2))
   for r, (title, images) in enumerate(rows):
     for c in range(n):
@@ -76,7 +75,6 @@ def draw(view1, view2, path: str):
                fontsize=9)
   fig.tight_layout()
   paths.save_figure(fig, path, dpi=120)
-  plt.close(fig)
 
 
 def main(argv):

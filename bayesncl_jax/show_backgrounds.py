@@ -13,15 +13,13 @@ from __future__ import annotations
 
 from absl import app
 from absl import flags
-import matplotlib
+from matplotlib.figure import Figure
 from ml_collections import config_flags
 import numpy as np
 
 from bayesncl_jax import datasets
 from bayesncl_jax.evaluators import base as evaluators_base
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -60,8 +58,8 @@ def example_grid(dataset_config, split: str = "train"):
 
 def draw(grid: np.ndarray, background_names, class_names, path: str):
   rows, cols = grid.shape[:2]
-  fig, axes = plt.subplots(rows, cols, figsize=(1.1 * cols + 1.6,
-                                                1.1 * rows + 0.6))
+  fig = Figure(figsize=(1.1 * cols + 1.6, 1.1 * rows + 0.6))
+  axes = fig.subplots(rows, cols, squeeze=False)
   for k in range(rows):
     for c in range(cols):
       ax = axes[k, c]
@@ -76,7 +74,6 @@ def draw(grid: np.ndarray, background_names, class_names, path: str):
                "class", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def main(argv):

@@ -48,6 +48,28 @@ def test_student_t_table_values():
         t, abs=5e-4)
 
 
+def test_importing_the_figure_modules_keeps_the_matplotlib_backend(tmp_path):
+  # A notebook's backend must survive `import bayesncl_jax...`: figures go
+  # through matplotlib.figure.Figure, never matplotlib.use("Agg").
+  code = (
+      "import matplotlib; matplotlib.use('svg')\n"
+      "from bayesncl_jax import plots, reproduce, show_augmentations, "
+      "show_backgrounds\n"
+      "import numpy as np\n"
+      "show_backgrounds.draw(np.zeros((2, 2, 8, 8, 3), np.uint8), ['a', 'b'],"
+      f" ['c', 'd'], {str(tmp_path / 'bg.png')!r})\n"
+      "show_augmentations.draw(np.zeros((3, 8, 8, 1)), np.ones((3, 8, 8, 1)),"
+      f" {str(tmp_path / 'aug.png')!r})\n"
+      "print(matplotlib.get_backend())\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.split()[-1] == "svg"
+  for name in ("bg.png", "aug.png"):
+    assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
 def test_describe_by_hand():
   d = reproduce.describe([0.5, 0.6, 0.7])
   assert d["n"] == 3 and d["mean"] == pytest.approx(0.6)
