@@ -6,6 +6,7 @@ they are skipped where either is missing (CI installs both, see .ci/run).
 import contextlib
 import dataclasses
 import fcntl
+from html import parser as html_parser
 import json
 import os
 import pathlib
@@ -194,6 +195,10 @@ def test_run_names_are_unique():
   names = site._run_names([meta("/r/a", "ncl"), meta("/r/b x/", "ncl"),
                            meta("/s/a", "ncl"), meta("/r/c", "cl")])
   assert names == ["ncl_a", "ncl_b_x", "ncl_a_", "cl"]
+  # Names from someone else's config.json become file names of the site.
+  names = site._run_names([meta("/r/a", "../../x"), meta("/r/b", "<i>"),
+                           meta("/r/c", "")])
+  assert names == ["______x", "_i_", "run"]
 
 
 def test_screenshot_of_a_page(tmp_path):
@@ -220,6 +225,20 @@ def test_html_charts_escape_and_format():
   assert H.fmt(0.000123) == "0.000123" and H.fmt(0.00123) == "0.0012"
   assert H.sort_value(float("nan")) == "" and H.sort_value(2.0) == "2.0"
   assert len(set(H.class_colors(100))) == 100
+
+
+def test_templates_escape_by_default():
+  script = "<script>alert(1)</script>"
+  page = H.render("page.html", title=script, root="../",
+                  nav=[(script, 'runs/a b"<x>/index.html')])
+  assert script not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+  # A link is percent-encoded: no quote ends the attribute.
+  assert '<a href="runs/a%20b%22%3Cx%3E/index.html">' in page
+  table = H.table([script], [[script, H.Markup("<b>kept</b>")]])
+  assert script not in table and "<b>kept</b>" in table
+  svg = H.line_chart({script: ([1, 2], [0.5, 0.7])}, title=script)
+  assert script not in svg and "&lt;script&gt;" in svg
+  assert script not in H.class_bar([1, 2], [script, "b"], ["#000", "#fff"])
 
 
 # ----------------------------------------------------------------------------
@@ -650,3 +669,78 @@ def test_run_summary_names_the_next_commands():
   assert "--out=explorer" in train.format_summary({}, "gs://b/run")
   assert "explore" not in train.format_summary({"preempted": True}, "/x")
   assert "explore" not in train.format_summary({"method": "cl"})
+
+
+# ----------------------------------------------------------------------------
+# Crafted workdirs: nothing outside --out, no injected markup.
+# ----------------------------------------------------------------------------
+class _Elements(html_parser.HTMLParser):
+  """Every start tag of a page with its attributes (the browser's view)."""
+
+  def __init__(self):
+    super().__init__()
+    self.tags = []
+
+  def handle_starttag(self, tag, attrs):
+    self.tags.append((tag, dict(attrs)))
+
+
+def _crafted(src, dst, method, step):
+  """A copy of an evaluated run whose config and report carry `method`/`step`.
+
+  features.npz is written so that the explorer needs no forward pass (the
+  crafted method would not build a model).
+  """
+  shutil.copytree(src, dst)
+  feats = data.compute_features(str(dst), 2, N_TEST, 64)
+  np.savez(dst / "eval" / "features.npz", **feats)
+  config = json.loads((dst / "config.json").read_text())
+  config["method"] = method
+  (dst / "config.json").write_text(json.dumps(config))
+  report = json.loads((dst / "eval" / "report.json").read_text())
+  report["step"] = step
+  (dst / "eval" / "report.json").write_text(json.dumps(report))
+
+
+@needs_fmnist
+def test_crafted_workdirs_write_nothing_outside_out(tiny_runs, tmp_path):
+  script = "<script>alert(1)</script>"
+  crafted = tmp_path / "in"
+  crafted.mkdir()
+  _crafted(tiny_runs("bayesncl"), crafted / "a", "../../escaped",
+           f'2{script}')
+  _crafted(tiny_runs("ncl"), crafted / 'b"<b onmouseover=alert(3)>',
+           f'x"><img src=x onerror=alert(2)>{script}', f"2{script}")
+  _crafted(tiny_runs("cl"), crafted / "c", "../../escaped", 2)
+  # The site sits two levels down: "../../escaped" from runs/ lands in
+  # tmp_path/deep/escaped on the old code.
+  out = tmp_path / "deep" / "er" / "site"
+  before = {p for p in tmp_path.rglob("*")}
+  summary = site.build_site(sorted(str(p) for p in crafted.iterdir()),
+                            str(out), SMALL)
+  written = {p for p in tmp_path.rglob("*")} - before
+  outside = [p for p in written
+             if not p.resolve().is_relative_to(out.resolve())
+             and p.resolve() not in out.resolve().parents]
+  assert not outside, outside
+  for name in summary["runs"]:
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", name), name
+  _assert_links_resolve(out)
+  pages = list(out.rglob("*.html"))
+  assert len(pages) > 10
+  for page in pages:
+    text = page.read_text()
+    parser = _Elements()
+    parser.feed(text)
+    scripts = [a for t, a in parser.tags if t == "script"]
+    # The one script of every page is the site's own explorer.js.
+    assert len(scripts) == 1 and scripts[0]["src"].endswith(
+        "static/explorer.js"), (page, scripts)
+    for tag, attrs in parser.tags:
+      assert not any(k.startswith("on") for k in attrs), (page, tag, attrs)
+      assert tag != "img" or attrs.get("src", "").endswith(".png"), (
+          page, attrs)
+  # The crafted values are shown, as text.
+  index = (out / "index.html").read_text()
+  assert "2&lt;script&gt;alert(1)&lt;/script&gt;" in index
+  assert script not in index

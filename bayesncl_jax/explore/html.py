@@ -1,18 +1,27 @@
-"""HTML and inline-SVG pieces of the explorer's pages (no templates, no CDN).
+"""HTML and inline-SVG pieces of the explorer's pages (no CDN).
 
-Every page is a complete HTML document that links the two static files
+Every page is a jinja2 template (`templates/`, autoescape on) that extends
+`page.html`, a complete HTML document linking the two static files
 (`static/explorer.css`, `static/explorer.js`) by a relative path, so the
-site opens from file:// with no server and no network. Charts are inline
-SVG drawn here from numbers; values are escaped with `html.escape`.
+site opens from file:// with no server and no network.
+
+Escaping holds by construction: templates escape every value they are
+given, and the fragments built here in Python (the inline SVG charts,
+thumbnails, links) are `markupsafe.Markup` built with `Markup.format` /
+`Markup.join`, which escape every argument that is not itself Markup. A
+plain string (a run name, a class name, a report value) can reach a page
+only as text. URLs go through `url()` (urllib.parse.quote).
 """
 from __future__ import annotations
 
 import colorsys
-import html
+import functools
 import math
 from typing import Iterable, Mapping, Sequence
+import urllib.parse
 
-esc = html.escape
+import jinja2
+from markupsafe import Markup
 
 # Ten distinguishable colours (the Tableau 10); more classes cycle hues.
 _TABLEAU = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948",
@@ -30,6 +39,28 @@ def class_colors(num_classes: int) -> list[str]:
   return out
 
 
+def url(path: str) -> str:
+  """A relative link of the site, percent-encoded (the '/' kept)."""
+  return urllib.parse.quote(path, safe="/")
+
+
+@functools.cache
+def environment() -> jinja2.Environment:
+  """The templates of templates/, escaping every value by default."""
+  env = jinja2.Environment(
+      loader=jinja2.PackageLoader("bayesncl_jax.explore", "templates"),
+      autoescape=True, undefined=jinja2.StrictUndefined,
+      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+  env.filters["url"] = url
+  env.globals.update(table=table)
+  return env
+
+
+def render(template: str, **context) -> str:
+  """The text of templates/`template` with `context` (autoescaped)."""
+  return environment().get_template(template).render(**context)
+
+
 def fmt(value, digits: int = 4) -> str:
   """A number for a table cell; '–' for a missing or non-finite value."""
   if value is None:
@@ -41,7 +72,7 @@ def fmt(value, digits: int = 4) -> str:
   try:
     value = float(value)
   except (TypeError, ValueError):
-    return esc(str(value))
+    return str(value)
   if not math.isfinite(value):
     return "–"
   if value != 0 and abs(value) < 10 ** -(digits - 1):
@@ -63,38 +94,23 @@ def sort_value(value) -> str:
   try:
     value = float(value)
   except (TypeError, ValueError):
-    return esc(str(value))
+    return str(value)
   return repr(value) if math.isfinite(value) else ""
 
 
-def page(title: str, body: str, root: str, nav: Sequence[tuple[str, str]] = ()
-         ) -> str:
-  """A whole HTML document; root = relative path from the page to the site."""
-  links = " ".join(f'<a href="{esc(href)}">{esc(text)}</a>'
-                   for text, href in nav)
-  return (
-      "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-      "<meta name=\"viewport\" content=\"width=device-width, "
-      "initial-scale=1\">"
-      # An empty icon: no favicon request, no console error from file://.
-      "<link rel=\"icon\" href=\"data:,\">"
-      f"<title>{esc(title)}</title>"
-      f"<link rel=\"stylesheet\" href=\"{root}static/explorer.css\">"
-      "</head><body>"
-      f"<nav>{links}</nav><main><h1>{esc(title)}</h1>\n{body}\n</main>"
-      f"<script src=\"{root}static/explorer.js\"></script>"
-      "</body></html>\n")
-
-
 def table(header: Sequence[str] | None, rows: Iterable[Sequence[str]],
-          cls: str = "") -> str:
-  """A plain table; cells are trusted HTML (escape values before)."""
-  head = "".join(f"<th>{h}</th>" for h in header or ())
-  body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>"
-                 for row in rows)
-  head = f"<thead><tr>{head}</tr></thead>" if head else ""
-  cls = f' class="{cls}"' if cls else ""
-  return f"<table{cls}>{head}<tbody>{body}</tbody></table>"
+          cls: str = "") -> Markup:
+  """A plain table; plain-string cells are escaped, Markup cells kept."""
+  return Markup(render("table.html", header=list(header or ()),
+                       rows=[list(r) for r in rows], cls=cls))
+
+
+def tag(name: str, attrs: Mapping[str, object], content="") -> Markup:
+  """<name attrs>content</name>; attribute values and content escaped."""
+  text = Markup("").join(Markup(' {}="{}"').format(k, v)
+                         for k, v in attrs.items() if v is not None)
+  return Markup("<{}{}>{}</{}>").format(Markup(name), text, content,
+                                        Markup(name))
 
 
 # ----------------------------------------------------------------------------
@@ -120,11 +136,20 @@ def _tick_label(v: float) -> str:
   return f"{v:g}" if abs(v) >= 1 else f"{v:.2g}"
 
 
+def _svg(cls: str, width: int, height: int, title: str) -> list[Markup]:
+  parts = [Markup('<svg class="{}" viewBox="0 0 {} {}" width="{}" height="{}"'
+                  ' role="img">').format(cls, width, height, width, height)]
+  if title:
+    parts.append(Markup('<text x="{}" y="12" class="t">{}</text>').format(
+        width / 2, title))
+  return parts
+
+
 def bar_chart(values: Sequence[float], labels: Sequence[str] | None = None,
               colors: Sequence[str] | str = "#4e79a7", *, width: int = 420,
               height: int = 180, title: str = "", xlabel: str = "",
               ylabel: str = "", tooltips: Sequence[str] | None = None,
-              label_every: int = 1) -> str:
+              label_every: int = 1) -> Markup:
   """Vertical bars from 0; labels under the bars (every label_every-th)."""
   n = len(values)
   ml, mr, mt, mb = 42, 8, 18 if title else 6, 34 if xlabel else 22
@@ -143,17 +168,13 @@ def bar_chart(values: Sequence[float], labels: Sequence[str] | None = None,
   top = max([float(v) for v in values if math.isfinite(float(v))] + [0.0])
   top = top if top > 0 else 1.0
   bw = w / max(n, 1)
-  parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" '
-           f'width="{width}" height="{height}" role="img">']
-  if title:
-    parts.append(f'<text x="{width / 2}" y="12" class="t">{esc(title)}'
-                 "</text>")
+  parts = _svg("chart", width, height, title)
   for t in _ticks(0.0, top):
     y = mt + h - h * t / top
-    parts.append(f'<line x1="{ml}" x2="{ml + w}" y1="{y:.1f}" y2="{y:.1f}" '
-                 'class="grid"/>'
-                 f'<text x="{ml - 4}" y="{y + 3:.1f}" class="yl">'
-                 f"{_tick_label(t)}</text>")
+    parts.append(Markup(
+        '<line x1="{}" x2="{}" y1="{:.1f}" y2="{:.1f}" class="grid"/>'
+        '<text x="{}" y="{:.1f}" class="yl">{}</text>').format(
+            ml, ml + w, y, y, ml - 4, y + 3, _tick_label(t)))
   for i, v in enumerate(values):
     v = float(v)
     if not math.isfinite(v):
@@ -162,48 +183,46 @@ def bar_chart(values: Sequence[float], labels: Sequence[str] | None = None,
     color = colors if isinstance(colors, str) else colors[i]
     tip = tooltips[i] if tooltips else (
         f"{labels[i]}: {fmt(v)}" if labels else fmt(v))
-    parts.append(
-        f'<rect x="{ml + i * bw + bw * 0.1:.1f}" y="{mt + h - bh:.1f}" '
-        f'width="{max(bw * 0.8, 0.5):.1f}" height="{bh:.1f}" '
-        f'fill="{color}"><title>{esc(tip)}</title></rect>')
+    parts.append(Markup(
+        '<rect x="{:.1f}" y="{:.1f}" width="{:.1f}" height="{:.1f}" '
+        'fill="{}"><title>{}</title></rect>').format(
+            ml + i * bw + bw * 0.1, mt + h - bh, max(bw * 0.8, 0.5), bh,
+            color, tip))
     if labels is not None and i % label_every == 0:
       x = ml + (i + 0.5) * bw
       if len(labels[i]) > 4:
-        parts.append(f'<text transform="translate({x:.1f},{mt + h + 8}) '
-                     f'rotate(-35)" class="xl r">{esc(labels[i])}</text>')
+        parts.append(Markup(
+            '<text transform="translate({:.1f},{}) rotate(-35)" '
+            'class="xl r">{}</text>').format(x, mt + h + 8, labels[i]))
       else:
-        parts.append(f'<text x="{x:.1f}" y="{mt + h + 12}" class="xl">'
-                     f"{esc(labels[i])}</text>")
-  parts.append(f'<line x1="{ml}" x2="{ml + w}" y1="{mt + h}" y2="{mt + h}" '
-               'class="axis"/>')
+        parts.append(Markup('<text x="{:.1f}" y="{}" class="xl">{}</text>'
+                            ).format(x, mt + h + 12, labels[i]))
+  parts.append(Markup('<line x1="{}" x2="{}" y1="{}" y2="{}" class="axis"/>'
+                      ).format(ml, ml + w, mt + h, mt + h))
   if xlabel:
-    parts.append(f'<text x="{ml + w / 2}" y="{height - 4}" class="al">'
-                 f"{esc(xlabel)}</text>")
+    parts.append(Markup('<text x="{}" y="{}" class="al">{}</text>').format(
+        ml + w / 2, height - 4, xlabel))
   if ylabel:
-    parts.append(f'<text transform="translate(10,{mt + h / 2}) rotate(-90)" '
-                 f'class="al">{esc(ylabel)}</text>')
-  parts.append("</svg>")
-  return "".join(parts)
+    parts.append(Markup('<text transform="translate(10,{}) rotate(-90)" '
+                        'class="al">{}</text>').format(mt + h / 2, ylabel))
+  parts.append(Markup("</svg>"))
+  return Markup("").join(parts)
 
 
 def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
                colors: Mapping[str, str] | None = None, *, width: int = 300,
                height: int = 170, title: str = "", xlabel: str = "",
-               log2_x: bool = False, markers: bool = False) -> str:
+               log2_x: bool = False, markers: bool = False) -> Markup:
   """Lines (name -> (xs, ys)); a legend when there are several series."""
   pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys)
          if y is not None and math.isfinite(float(y))]
   ml, mr, mt, mb = 46, 8, 18 if title else 6, 30 if xlabel else 18
   w, h = width - ml - mr, height - mt - mb
-  parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" '
-           f'width="{width}" height="{height}" role="img">']
-  if title:
-    parts.append(f'<text x="{width / 2}" y="12" class="t">{esc(title)}'
-                 "</text>")
+  parts = _svg("chart", width, height, title)
   if not pts:
-    parts.append(f'<text x="{width / 2}" y="{height / 2}" class="t">no data'
-                 "</text></svg>")
-    return "".join(parts)
+    parts.append(Markup('<text x="{}" y="{}" class="t">no data</text></svg>'
+                        ).format(width / 2, height / 2))
+    return Markup("").join(parts)
   tx = (lambda x: math.log2(x)) if log2_x else float
   x0, x1 = min(tx(p[0]) for p in pts), max(tx(p[0]) for p in pts)
   y0, y1 = min(float(p[1]) for p in pts), max(float(p[1]) for p in pts)
@@ -221,14 +240,15 @@ def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     return mt + h - h * (float(y) - y0) / (y1 - y0)
 
   for t in _ticks(y0, y1):
-    parts.append(f'<line x1="{ml}" x2="{ml + w}" y1="{sy(t):.1f}" '
-                 f'y2="{sy(t):.1f}" class="grid"/><text x="{ml - 4}" '
-                 f'y="{sy(t) + 3:.1f}" class="yl">{_tick_label(t)}</text>')
+    parts.append(Markup(
+        '<line x1="{}" x2="{}" y1="{:.1f}" y2="{:.1f}" class="grid"/>'
+        '<text x="{}" y="{:.1f}" class="yl">{}</text>').format(
+            ml, ml + w, sy(t), sy(t), ml - 4, sy(t) + 3, _tick_label(t)))
   xticks = ([2 ** e for e in range(math.ceil(x0), math.floor(x1) + 1)]
             if log2_x else _ticks(x0, x1))
   for t in xticks:
-    parts.append(f'<text x="{sx(t):.1f}" y="{mt + h + 12}" class="xl">'
-                 f"{_tick_label(t)}</text>")
+    parts.append(Markup('<text x="{:.1f}" y="{}" class="xl">{}</text>'
+                        ).format(sx(t), mt + h + 12, _tick_label(t)))
   colors = colors or {}
   for i, (name, (xs, ys)) in enumerate(series.items()):
     color = colors.get(name, _TABLEAU[i % len(_TABLEAU)])
@@ -237,41 +257,44 @@ def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     if not xy:
       continue
     d = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
-    parts.append(f'<polyline points="{d}" fill="none" stroke="{color}" '
-                 f'stroke-width="1.5"><title>{esc(name)}</title></polyline>')
+    parts.append(Markup(
+        '<polyline points="{}" fill="none" stroke="{}" stroke-width="1.5">'
+        "<title>{}</title></polyline>").format(d, color, name))
     if markers:
-      parts.extend(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" '
-                   f'fill="{color}"/>' for x, y in xy)
+      parts.extend(Markup('<circle cx="{:.1f}" cy="{:.1f}" r="2.5" '
+                          'fill="{}"/>').format(x, y, color) for x, y in xy)
     if len(series) > 1:
       # style, not the fill attribute: the stylesheet's text fill wins
       # over presentation attributes.
-      parts.append(f'<text x="{ml + 6}" y="{mt + 12 + 12 * i}" class="lg" '
-                   f'style="fill:{color}">{esc(name)}</text>')
-  parts.append(f'<line x1="{ml}" x2="{ml + w}" y1="{mt + h}" y2="{mt + h}" '
-               'class="axis"/>')
+      parts.append(Markup('<text x="{}" y="{}" class="lg" style="fill:{}">'
+                          "{}</text>").format(ml + 6, mt + 12 + 12 * i,
+                                              color, name))
+  parts.append(Markup('<line x1="{}" x2="{}" y1="{}" y2="{}" class="axis"/>'
+                      ).format(ml, ml + w, mt + h, mt + h))
   if xlabel:
-    parts.append(f'<text x="{ml + w / 2}" y="{height - 3}" class="al">'
-                 f"{esc(xlabel)}</text>")
-  parts.append("</svg>")
-  return "".join(parts)
+    parts.append(Markup('<text x="{}" y="{}" class="al">{}</text>').format(
+        ml + w / 2, height - 3, xlabel))
+  parts.append(Markup("</svg>"))
+  return Markup("").join(parts)
 
 
 def class_bar(counts: Sequence[float], names: Sequence[str],
               colors: Sequence[str], width: int = 120, height: int = 12
-              ) -> str:
+              ) -> Markup:
   """A tiny stacked bar of class shares (tooltips name class and share)."""
   total = float(sum(counts))
-  parts = [f'<svg class="cbar" viewBox="0 0 {width} {height}" '
-           f'width="{width}" height="{height}">']
+  parts = [Markup('<svg class="cbar" viewBox="0 0 {} {}" width="{}" '
+                  'height="{}">').format(width, height, width, height)]
   x = 0.0
   if total > 0:
     for c, n in enumerate(counts):
       if n <= 0:
         continue
       w = width * n / total
-      parts.append(f'<rect x="{x:.2f}" width="{w:.2f}" height="{height}" '
-                   f'fill="{colors[c]}"><title>{esc(names[c])}: '
-                   f"{n / total:.0%}</title></rect>")
+      parts.append(Markup(
+          '<rect x="{:.2f}" width="{:.2f}" height="{}" fill="{}"><title>'
+          "{}: {:.0%}</title></rect>").format(x, w, height, colors[c],
+                                              names[c], n / total))
       x += w
-  parts.append("</svg>")
-  return "".join(parts)
+  parts.append(Markup("</svg>"))
+  return Markup("").join(parts)

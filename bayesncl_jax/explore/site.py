@@ -17,11 +17,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import pathlib
+import re
 import shutil
 import time
 from typing import Any, Sequence
 
 from absl import logging
+from markupsafe import Markup
 import numpy as np
 from PIL import Image
 
@@ -103,7 +105,8 @@ class ImageStore:
   def __contains__(self, row) -> bool:
     return int(row) in self.slot
 
-  def tag(self, row: int, root: str, kind: str = "th", title: str = "") -> str:
+  def tag(self, row: int, root: str, kind: str = "th", title: str = ""
+          ) -> Markup:
     """The HTML of test image `row` at display size SIZES[kind]."""
     row = int(row)
     sheet, slot = divmod(self.slot[row], self.COLS * self.COLS)
@@ -111,11 +114,13 @@ class ImageStore:
     size = self.SIZES[kind]
     scale = size / self.thumb
     pixelated = " px" if scale >= 1 else ""
-    title = f' title="{H.esc(title)}"' if title else ""
+    title = Markup(' title="{}"').format(title) if title else ""
     # The sheet is COLS * size CSS pixels wide (explorer.css sets it).
-    return (f'<span class="{kind}{pixelated}"{title}><img '
-            f'src="{root}img/{sheet:03d}.png" alt="test image {row}" '
-            f'style="left:{-c * size:g}px;top:{-r * size:g}px"></span>')
+    return Markup('<span class="{}{}"{}><img src="{}" alt="test image {}" '
+                  'style="left:{:g}px;top:{:g}px"></span>').format(
+                      kind, pixelated, title,
+                      H.url(f"{root}img/{sheet:03d}.png"), row, -c * size,
+                      -r * size)
 
   def write(self, out: pathlib.Path) -> int:
     """Writes the sprite sheets; returns the number of images in them."""
@@ -255,23 +260,27 @@ class RunSite:
   def image_file(self, row: int) -> str:
     return f"images/{int(row):0{self.row_digits}d}.html"
 
-  def dim_link(self, dim: int, sub: bool, text: str | None = None) -> str:
-    text = H.esc(text if text is not None else str(int(dim)))
+  def dim_link(self, dim: int, sub: bool, text: str | None = None
+               ) -> Markup:
+    text = text if text is not None else str(int(dim))
     if not self.stats["active"][dim]:
-      return f'<span class="note">{text}</span>'
-    return f'<a href="{"../" if sub else ""}{self.dim_file(dim)}">{text}</a>'
+      return Markup('<span class="note">{}</span>').format(text)
+    return Markup('<a href="{}">{}</a>').format(
+        H.url(("../" if sub else "") + self.dim_file(dim)), text)
 
   def class_name(self, c: int) -> str:
     return self.run.class_names[int(c)] if c >= 0 else "–"
 
-  def figure(self, row: int, sub: bool, caption: str) -> str:
-    """A thumbnail (linking to the image's page if it has one)."""
+  def figure(self, row: int, sub: bool, *caption: str) -> Markup:
+    """A thumbnail (linking to the image's page if it has one); the
+    caption's lines are text."""
     row = int(row)
     img = self.images.tag(row, self._root(sub))
     if row in self.has_page:
       page = ("../" if sub else "") + self.image_file(row)
-      img = f'<a href="{page}">{img}</a>'
-    return f"<figure>{img}<figcaption>{caption}</figcaption></figure>"
+      img = Markup('<a href="{}">{}</a>').format(H.url(page), img)
+    return Markup("<figure>{}<figcaption>{}</figcaption></figure>").format(
+        img, Markup("<br>").join(caption))
 
   def nav(self, sub: bool) -> list[tuple[str, str]]:
     up = "../" if sub else ""
@@ -281,78 +290,49 @@ class RunSite:
     return extra + [(f"{label}overview", up + "index.html"),
                     (f"{label}dimensions", up + "dims.html")]
 
-  def write(self, rel: str, title: str, body: str) -> None:
+  def write(self, rel: str, template: str, title: str, context: dict
+            ) -> None:
+    """Renders templates/`template` into `rel` (under this run's folder)."""
     sub = "/" in rel
-    path = self.out / self.base / rel
+    path = inside(self.out, self.base + rel)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(H.page(title, body, self._root(sub), self.nav(sub)),
+    path.write_text(H.render(template, title=title, root=self._root(sub),
+                             nav=self.nav(sub), **context) + "\n",
                     encoding="utf-8")
     self.pages += 1
 
   # --- pages ----------------------------------------------------------------
   def build(self) -> None:
-    self.write("index.html", f"{self.run.name}: overview", self.overview())
-    self.write("dims.html", f"{self.run.name}: dimensions", self.dims_table())
+    self.write("index.html", "overview.html", f"{self.run.name}: overview",
+               self.overview())
+    self.write("dims.html", "dims.html", f"{self.run.name}: dimensions",
+               self.dims_table())
     for i, dim in enumerate(self.active):
       prev_dim = self.active[i - 1] if i > 0 else None
       next_dim = self.active[i + 1] if i + 1 < len(self.active) else None
-      self.write(self.dim_file(dim), f"{self.run.name}: dimension {dim}",
+      self.write(self.dim_file(dim), "dim.html",
+                 f"{self.run.name}: dimension {dim}",
                  self.dim_page(int(dim), prev_dim, next_dim))
     for i, row in enumerate(self.image_rows):
-      self.write(self.image_file(row),
+      self.write(self.image_file(row), "image.html",
                  f"{self.run.name}: test image {row}",
                  self.image_page(int(row), *self.neighbours[i]))
 
-  def overview(self) -> str:
+  def overview(self) -> dict[str, Any]:
     run, report = self.run, self.run.report
-    parts = [f'<p class="note">workdir <code>{H.esc(run.workdir)}</code>, '
-             f"checkpoint step {report['step']}.</p>"]
-    parts.append("<h2>Run</h2>" + H.table(
-        None, [(H.esc(k), H.esc(v))
-                   for k, v in _config_summary(run.config, report)]))
-    rows = [(H.esc(label), H.fmt_metric(v), H.esc(note))
-            for _, label, v, note in report_rows(report)]
-    parts.append("<h2>Evaluation (eval/report.json)</h2>"
-                 + H.table(["metric", "value", "note"], rows))
-    # Pages.
     st = self.stats
     inactive = np.flatnonzero(~st["active"])
+    inactive_note = ""
+    if inactive.size and run.gated:
+      shut = int(np.sum(st["gate_open_rate"][inactive] == 0))
+      inactive_note = f" ({shut} of them with the gate closed on every image)"
     chips = []
     for dim in self.ranking:
       c = int(st["top_class"][dim])
-      chips.append(f'<a href="{self.dim_file(dim)}" title="top class '
-                   f'{H.esc(self.class_name(c))}, consistency '
-                   f'{H.fmt(st["consistency"][dim], 2)}"><span class="sw" '
-                   f'style="background:{self.colors[c]}"></span>{dim}</a>')
-    parts.append(
-        f"<h2>Dimensions</h2><p>{len(self.active)} of {self.d} projector "
-        f'dims are active on the test split. <a href="dims.html">The '
-        "dimensions table</a> (sortable, filterable by class); one page per "
-        "active dim, here in descending Σ|z| (colour: its top class):</p>"
-        f'<div class="chips">{"".join(chips)}</div>')
-    if inactive.size:
-      note = ""
-      if run.gated:
-        shut = int(np.sum(st["gate_open_rate"][inactive] == 0))
-        note = f" ({shut} of them with the gate closed on every image)"
-      parts.append(f'<p class="note">Inactive (no test image activates '
-                   f"them): {', '.join(map(str, inactive))}{note}.</p>")
-    for nu in run.nuisances:
-      if nu.is_dim is not None:
-        n_nu = int(np.sum(nu.is_dim & st["active"]))
-        parts.append(
-            f"<p>{n_nu} active dims are {H.esc(nu.name)} dims: more "
-            f"{H.esc(nu.name)}-pure than class-pure on z before the gate "
-            "(the evaluation's mechanism protocol); marked in the table.</p>")
-    sample = "".join(self.figure(r, False, H.esc(self.class_name(
-        self.labels[r]))) for r in self.sample)
-    parts.append(f"<h2>Test images</h2><p>A sample of "
-                 f"{self.options.sample_per_class} per class; every image "
-                 "on a dimension page also has its own page.</p>"
-                 f'<div class="grid-imgs">{sample}</div>')
-    # Figures.
-    parts.append("<h2>Training curves (metrics.jsonl)</h2>"
-                 + self.training_curves())
+      chips.append({"href": self.dim_file(dim), "dim": int(dim),
+                    "top_class": self.class_name(c),
+                    "consistency": H.fmt(st["consistency"][dim], 2),
+                    "color": self.colors[c]})
     per_sample = metrics.active_dims_per_sample(self.z)
     hist = np.bincount(per_sample, minlength=self.d + 1)
     every = max(1, (self.d + 1) // 8)
@@ -375,14 +355,26 @@ class RunSite:
             {"P@10": (ks, [p["retrieval_precision_at_10"] for p in curve])},
             width=320, title="feature selection: retrieval P@10",
             xlabel="k", log2_x=True, markers=True))
-    parts.append('<h2>Sparsity and feature selection</h2><div class="charts">'
-                 + "".join(charts) + "</div>")
-    return "\n".join(parts)
+    return {
+        "workdir": run.workdir, "step": report["step"],
+        "config_rows": _config_summary(run.config, report),
+        "metric_rows": [(label, H.fmt_metric(v), note)
+                        for _, label, v, note in report_rows(report)],
+        "n_active": len(self.active), "d": self.d, "chips": chips,
+        "inactive": [int(i) for i in inactive],
+        "inactive_note": inactive_note,
+        "nuisance_dims": [(nu.name, int(np.sum(nu.is_dim & st["active"])))
+                          for nu in run.nuisances if nu.is_dim is not None],
+        "sample_per_class": self.options.sample_per_class,
+        "sample": [self.figure(r, False, self.class_name(self.labels[r]))
+                   for r in self.sample],
+        "curves": self.training_curves(), "charts": charts}
 
-  def training_curves(self) -> str:
+  def training_curves(self) -> list[Markup]:
+    """One chart per metrics.jsonl key ([] without metrics.jsonl)."""
     history = self.run.history
     if not history:
-      return '<p class="note">No metrics.jsonl in the workdir.</p>'
+      return []
     keys = [k for k in _CURVE_KEYS if k in history[-1]]
     keys += sorted(k for k in history[-1]
                    if k not in keys and k not in _NOT_CURVES
@@ -395,7 +387,7 @@ class RunSite:
                                         [p[1] for p in pts])},
                                  width=260, height=150, title=key,
                                  xlabel="step"))
-    return f'<div class="charts">{"".join(charts)}</div>'
+    return charts
 
   def nuisance_dims(self) -> set[int]:
     """Active dims that the mechanism protocol found nuisance-pure."""
@@ -405,7 +397,7 @@ class RunSite:
         out |= {int(d) for d in self.active if nu.is_dim[d]}
     return out
 
-  def dims_table(self) -> str:
+  def dims_table(self) -> dict[str, Any]:
     st, run = self.stats, self.run
     with_top_k = "top_k_consistency" in st
     mech = [nu for nu in run.nuisances if nu.purity is not None]
@@ -423,124 +415,67 @@ class RunSite:
     rows = []
     for dim in self.active:
       c = int(st["top_class"][dim])
-      cells = [(dim, self.dim_link(dim, False)),
-               (self.class_name(c), H.esc(self.class_name(c))),
-               (st["consistency"][dim], H.fmt(st["consistency"][dim], 3))]
+      numbers = [st["consistency"][dim]]
       if with_top_k:
-        cells.append((st["top_k_consistency"][dim],
-                      H.fmt(st["top_k_consistency"][dim], 3)))
-      cells += [(st["activation_rate"][dim],
-                H.fmt(st["activation_rate"][dim], 3)),
-               (st["mean_activation"][dim],
-                H.fmt(st["mean_activation"][dim], 3)),
-               (self.rank_of[int(dim)], str(self.rank_of[int(dim)]))]
+        numbers.append(st["top_k_consistency"][dim])
+      numbers += [st["activation_rate"][dim], st["mean_activation"][dim]]
+      # (numeric?, sort key, shown) per cell.
+      cells = [(True, int(dim), self.dim_link(dim, False)),
+               (False, self.class_name(c).lower(), self.class_name(c))]
+      cells += [(True, H.sort_value(v), H.fmt(v, 3)) for v in numbers]
+      rank = self.rank_of[int(dim)]
+      cells.append((True, H.sort_value(rank), str(rank)))
+      extra = []
       if run.gated:
-        cells.append((st["gate_open_rate"][dim],
-                      H.fmt(st["gate_open_rate"][dim], 3)))
+        extra.append(st["gate_open_rate"][dim])
       if mech:
-        v = mech[0].class_purity[dim]
-        cells.append((v, H.fmt(v, 3)))
-        for nu in mech:
-          cells.append((nu.purity[dim], H.fmt(nu.purity[dim], 3)))
-      numeric = [f'<td class="num" data-v="{H.sort_value(v)}">{t}</td>'
-                 if not isinstance(v, str) else
-                 f'<td data-v="{H.esc(v.lower())}">{t}</td>'
-                 for v, t in cells]
-      numeric[0] = f'<td class="num" data-v="{int(dim)}">{cells[0][1]}</td>'
-      bar = H.class_bar(st["class_counts"][dim], run.class_names,
-                        self.colors)
-      rows.append(f'<tr data-cls="{c}"'
-                  + (' class="bg"' if int(dim) in marked else "") + ">"
-                  + "".join(numeric) + f"<td>{bar}</td></tr>")
-    head = "".join(
-        f'<th class="{"nosort" if h == "class distribution" else ""}">'
-        f"{H.esc(h)}</th>" for h in header)
-    options = "".join(f'<option value="{c}">{H.esc(name)}</option>'
-                      for c, name in enumerate(run.class_names))
-    gate_note = (" Gate open rate: the share of test images whose eval-mode "
-                 "gate keeps the dim." if run.gated else "")
-    mech_note = "".join(
-        f" Rows in orange: {H.esc(nu.name)} dims (more {H.esc(nu.name)}-pure"
-        " than class-pure on z before the gate, by the mechanism protocol)."
-        for nu in mech)
-    if with_top_k:
-      mech_note += (f" Top-k consistency: the same share among the dim's "
-                    f"{int(run.report['top_k_consistency_k'])} largest "
-                    "values (comparable across methods).")
-    if run.config.method == "cl":
-      mech_note += (" CL features are dense and signed: nearly every image "
-                    "activates every dim, so consistency is close to the "
-                    "largest class share and the top images rank |z| (both "
-                    "ends of a dim).")
-    return (
-        f"<p>{len(self.active)} active dims of {self.d} (a dim is active "
-        f"when some test image has |z| > {metrics.ZERO_TOL:g}). Top class and"
-        " consistency (the share of the top class) are counted over the "
-        "images that activate the dim, as the report's semantic consistency"
-        " (papers' definition), which is their mean; activation rate: the "
-        "share of test images "
-        f"that activate the dim.{gate_note}{mech_note} Click a header to "
-        "sort.</p>"
-        '<p><label>top class <select id="class-filter" data-filter="dims" '
-        f'data-count="dims-count"><option value="">all</option>{options}'
-        '</select></label> showing <span id="dims-count"></span></p>'
-        f'<table id="dims" class="sortable"><thead><tr>{head}</tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table>")
+        extra.append(mech[0].class_purity[dim])
+        extra += [nu.purity[dim] for nu in mech]
+      cells += [(True, H.sort_value(v), H.fmt(v, 3)) for v in extra]
+      rows.append({"cls": c, "bg": int(dim) in marked, "cells": cells,
+                   "bar": H.class_bar(st["class_counts"][dim],
+                                      run.class_names, self.colors)})
+    return {"n_active": len(self.active), "d": self.d,
+            "zero_tol": f"{metrics.ZERO_TOL:g}", "gated": run.gated,
+            "mech": [nu.name for nu in mech],
+            "top_k": (int(run.report["top_k_consistency_k"]) if with_top_k
+                      else None),
+            "dense": run.config.method == "cl",
+            "class_names": run.class_names, "header": header, "rows": rows}
 
-  def dim_page(self, dim: int, prev_dim, next_dim) -> str:
+  def dim_page(self, dim: int, prev_dim, next_dim) -> dict[str, Any]:
     st, run = self.stats, self.run
     z = self.z[:, dim]
     c = int(st["top_class"][dim])
     n_on = int(np.sum(np.abs(z) > metrics.ZERO_TOL))
-    nav = ['<div class="prevnext">']
-    if prev_dim is not None:
-      nav.append(self.dim_link(int(prev_dim), True, f"← dim {prev_dim}"))
-    nav.append('<a href="../dims.html">all dims</a>')
-    if next_dim is not None:
-      nav.append(self.dim_link(int(next_dim), True, f"dim {next_dim} →"))
-    nav.append("</div>")
-    stats = [("top class", H.esc(self.class_name(c))),
-             ("class consistency", f"{H.fmt(st['consistency'][dim], 3)} "
-              '<span class="note">(share of the top class among the '
-              "images that activate it)</span>")]
+    note = Markup('{} <span class="note">({})</span>').format
+    stats = [("top class", self.class_name(c)),
+             ("class consistency", note(
+                 H.fmt(st["consistency"][dim], 3), "share of the top class "
+                 "among the images that activate it"))]
     if "top_k_consistency" in st:
-      stats.append(("top-k consistency",
-                    f"{H.fmt(st['top_k_consistency'][dim], 3)} "
-                    '<span class="note">(among its '
-                    f"{int(run.report['top_k_consistency_k'])} largest "
-                    "values)</span>"))
+      stats.append(("top-k consistency", note(
+          H.fmt(st["top_k_consistency"][dim], 3),
+          f"among its {int(run.report['top_k_consistency_k'])} largest "
+          "values")))
     stats += [
-             ("activation rate", f"{H.fmt(st['activation_rate'][dim], 3)} "
-              f"({n_on} of {self.n} test images)"),
-             ("mean |z| when active", H.fmt(st["mean_activation"][dim], 4)),
-             ("max |z|", H.fmt(float(np.abs(z).max()), 4)),
-             ("rank by Σ|z|", f"{self.rank_of[dim]} of {len(self.ranking)}")]
+        ("activation rate", f"{H.fmt(st['activation_rate'][dim], 3)} "
+         f"({n_on} of {self.n} test images)"),
+        ("mean |z| when active", H.fmt(st["mean_activation"][dim], 4)),
+        ("max |z|", H.fmt(float(np.abs(z).max()), 4)),
+        ("rank by Σ|z|", f"{self.rank_of[dim]} of {len(self.ranking)}")]
     if run.gated:
-      stats.append(("gate open rate",
-                    H.fmt(st["gate_open_rate"][dim], 3)))
+      stats.append(("gate open rate", H.fmt(st["gate_open_rate"][dim], 3)))
     for nu in run.nuisances:
       if nu.purity is not None:
         stats += [("class purity (pre-gate)", H.fmt(nu.class_purity[dim], 3)),
-                  (f"{H.esc(nu.name)} purity (pre-gate)",
-                   H.fmt(nu.purity[dim], 3)),
-                  (f"{H.esc(nu.name)} dim",
-                   "yes" if nu.is_dim[dim] else "no")]
-    parts = nav + ['<dl class="stats">' + "".join(
-        f"<dt>{k}</dt><dd>{v}</dd>" for k, v in stats) + "</dl>"]
+                  (f"{nu.name} purity (pre-gate)", H.fmt(nu.purity[dim], 3)),
+                  (f"{nu.name} dim", "yes" if nu.is_dim[dim] else "no")]
 
-    def grid(rows):
-      return ('<div class="grid-imgs">' + "".join(
-          self.figure(r, True, f"{H.esc(self.class_name(self.labels[r]))}"
-                      f"<br>{H.fmt(float(z[r]), 3)}") for r in rows)
-              + "</div>")
+    def figures(rows):
+      return [self.figure(r, True, self.class_name(self.labels[r]),
+                          H.fmt(float(z[r]), 3)) for r in rows]
 
-    top = self.top[dim]
-    parts.append(f"<h2>Top {len(top)} test images (largest |z|)</h2>"
-                 + grid(top))
-    weak = self.weak[dim]
-    parts.append(f"<h2>Weakly activating ({len(weak)} drawn among the "
-                 "activating images in the bottom quarter of |z|)</h2>"
-                 + grid(weak))
     counts = st["class_counts"][dim]
     charts = [H.bar_chart(counts, self.run.class_names, self.colors,
                           width=420, title="class of the activating images",
@@ -566,80 +501,82 @@ class RunSite:
       charts.append(H.bar_chart(per_class, self.run.class_names,
                                 self.colors, width=420,
                                 title="gate open rate by class"))
-    parts.append('<h2>Distributions</h2><div class="charts">'
-                 + "".join(charts) + "</div>")
-    return "\n".join(parts)
+    return {
+        "prev_link": (self.dim_link(int(prev_dim), True, f"← dim {prev_dim}")
+                      if prev_dim is not None else ""),
+        "next_link": (self.dim_link(int(next_dim), True, f"dim {next_dim} →")
+                      if next_dim is not None else ""),
+        "stats": stats, "top": figures(self.top[dim]),
+        "weak": figures(self.weak[dim]), "charts": charts}
 
-  def image_page(self, row: int, nbrs, sims) -> str:
+  def image_page(self, row: int, nbrs, sims) -> dict[str, Any]:
     st, run = self.stats, self.run
     zr = self.z[row]
     dims = data.active_dims_of(zr)
     total = float(np.abs(zr).sum())
-    big = self.images.tag(row, self._root(True), "lg")
-    parts = [f'<div class="cols"><div>{big}</div><div><dl class="stats">'
-             f"<dt>class</dt><dd>{H.esc(self.class_name(self.labels[row]))}"
-             f"</dd>" + "".join(
-                 f"<dt>{H.esc(nu.name)}</dt><dd>"
-                 f"{H.esc(nu.value_names[int(nu.values[row])])}</dd>"
-                 for nu in run.nuisances) +
-             f"<dt>test index</dt><dd>{row}</dd><dt>active dims</dt>"
-             f"<dd>{dims.size} of {self.d}</dd></dl></div></div>"]
     shown = dims[:self.options.dims_in_table]
     rows = []
     for dim in shown:
       c = int(st["top_class"][dim])
-      rows.append((self.dim_link(dim, True), f"{H.fmt(float(zr[dim]), 4)}",
+      rows.append((self.dim_link(dim, True), H.fmt(float(zr[dim]), 4),
                    H.fmt(abs(float(zr[dim])) / total if total else 0.0, 3),
-                   f'<span class="sw" style="background:{self.colors[c]}">'
-                   f"</span> {H.esc(self.class_name(c))}",
+                   Markup('<span class="sw" style="background:{}"></span> {}'
+                          ).format(self.colors[c], self.class_name(c)),
                    H.fmt(st["consistency"][dim], 3)))
-    parts.append(f"<h2>Active dims ({dims.size}), largest |z| first</h2>"
-                 + (H.table(["dim", "z", "share of Σ|z|", "dim's top class",
-                             "dim's consistency"], rows)
-                    if rows else "<p>None: every entry of z is zero.</p>"))
-    if dims.size > shown.size:
-      rest = " ".join(f"{self.dim_link(d, True)}&nbsp;{H.fmt(float(zr[d]), 3)}"
-                      for d in dims[shown.size:])
-      parts.append(f'<p class="chips">and: {rest}</p>')
+    closed = None
     if self.closed is not None:
-      closed = np.flatnonzero(self.closed[row])
       probs = run.features.get("gate_probs")
-      items = [self.dim_link(d, True) + (
-          f"&nbsp;p={H.fmt(float(probs[row, d]), 2)}" if probs is not None
-          else "") for d in closed]
-      parts.append(
-          f'<h2>Dims the gate closed ({closed.size} of {self.d})</h2>'
-          f'<p class="chips" id="closed-dims">{" ".join(items) or "none"}'
-          "</p>")
-    figs = "".join(
-        self.figure(r, True, H.esc(self.class_name(self.labels[r]))
-                    + f"<br>cos {H.fmt(float(s), 3)}")
-        for r, s in zip(nbrs, sims))
-    zero = (" This image's z is all zero: it has no direction, hence no "
-            "neighbours (the report's retrieval leaves such images out too)."
-            if not len(nbrs) and total == 0 else "")
-    parts.append(f"<h2>Nearest neighbours</h2><p class=\"note\">The "
-                 f"{len(nbrs)} test images with the highest cosine similarity"
-                 " of z (the retrieval metric of the report: all-zero rows "
-                 "excluded), the image "
-                 f"itself excluded.{zero}</p>"
-                 f'<div class="grid-imgs" id="neighbours">{figs}</div>')
-    return "\n".join(parts)
+      closed = [(self.dim_link(d, True),
+                 H.fmt(float(probs[row, d]), 2) if probs is not None
+                 else None) for d in np.flatnonzero(self.closed[row])]
+    return {
+        "big": self.images.tag(row, self._root(True), "lg"),
+        "class_name": self.class_name(self.labels[row]),
+        "nuisances": [(nu.name, nu.value_names[int(nu.values[row])])
+                      for nu in run.nuisances],
+        "row": row, "n_dims": int(dims.size), "d": self.d, "rows": rows,
+        "rest": [(self.dim_link(d, True), H.fmt(float(zr[d]), 3))
+                 for d in dims[shown.size:]],
+        "closed": closed,
+        "neighbours": [self.figure(r, True, self.class_name(self.labels[r]),
+                                   f"cos {H.fmt(float(s), 3)}")
+                       for r, s in zip(nbrs, sims)],
+        "all_zero": not len(nbrs) and total == 0}
 
 
 # ----------------------------------------------------------------------------
 # Several runs.
 # ----------------------------------------------------------------------------
+def safe_name(text: str) -> str:
+  """`text` as a file name of the site: letters, digits, '-' and '_' only.
+
+  Run names come from workdirs other people made (config.json's method, the
+  workdir's name): '../', '/', quotes and markup become '_', so a name can
+  be neither a path out of --out nor markup.
+  """
+  name = re.sub(r"[^A-Za-z0-9_-]", "_", str(text))
+  return name or "run"
+
+
+def inside(out: pathlib.Path, rel: str) -> pathlib.Path:
+  """out/rel, or ExploreError if it resolves outside `out` (a safeguard:
+  every name in `rel` has been through safe_name)."""
+  root = out.resolve()
+  path = (out / rel).resolve()
+  if not path.is_relative_to(root):
+    raise ExploreError(f"Refusing to write {path}: outside --out={out}.")
+  return path
+
+
 def _run_names(runs_meta) -> list[str]:
   """Method names, made unique with the workdir's name where they repeat."""
-  methods = [config.method for _, config, _ in runs_meta]
+  methods = [safe_name(config.method) for _, config, _ in runs_meta]
   names = []
   for (workdir, _, _), method in zip(runs_meta, methods):
     name = method
     if methods.count(method) > 1:
       base = workdir.rstrip("/").rsplit("/", 1)[-1]
-      safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in base)
-      name = f"{method}_{safe}"
+      name = f"{method}_{safe_name(base)}"
     while name in names:
       name += "_"
     names.append(name)
@@ -681,55 +618,51 @@ class Compare:
                                    )[:options.compare_images]
     images.request(self.rows)
 
-  def write(self, rel, title, body):
-    (self.out / rel).write_text(H.page(title, body, "", self.nav),
-                                encoding="utf-8")
+  def write(self, rel, template, title, context):
+    inside(self.out, rel).write_text(
+        H.render(template, title=title, root="", nav=self.nav, **context)
+        + "\n", encoding="utf-8")
 
   def build(self) -> None:
     first = self.sites[0].run
     rows = []
     for s in self.sites:
       r = s.run.report
-      rows.append((f'<a href="{s.base}index.html">{H.esc(s.run.name)}</a>',
-                   H.esc(s.run.config.method), f"<code>{H.esc(s.run.workdir)}"
-                   "</code>", str(r["step"]),
-                   H.fmt(r.get("linear_top1")),
+      rows.append((Markup('<a href="{}">{}</a>').format(
+                       H.url(s.base + "index.html"), s.run.name),
+                   s.run.config.method,
+                   Markup("<code>{}</code>").format(s.run.workdir),
+                   str(r["step"]), H.fmt(r.get("linear_top1")),
                    H.fmt(r.get("semantic_consistency")),
                    H.fmt(r.get("top_k_consistency")),
                    f"{len(s.active)} / {s.d}"))
-    self.write("index.html", "Feature explorer: runs", (
-        f"<p>{len(self.sites)} runs on {H.esc(first.config.dataset.name)} "
-        f"({first.report['num_test_examples']} test images). "
-        '<a href="compare.html">Compare them side by side</a>.</p>'
-        + H.table(["run", "method", "workdir", "step", "linear top-1",
-                   "semantic consistency", "top-k consistency",
-                   "active dims"], rows)))
-    self.write("compare.html", "Compare runs", self.compare_body())
+    self.write("index.html", "runs.html", "Feature explorer: runs", {
+        "n_runs": len(self.sites), "dataset": first.config.dataset.name,
+        "n_test": first.report["num_test_examples"], "rows": rows})
+    self.write("compare.html", "compare.html", "Compare runs",
+               self.compare_body())
 
-  def compare_body(self) -> str:
+  def compare_body(self) -> dict[str, Any]:
     sites, opts = self.sites, self.options
-    parts = []
     # Metrics side by side.
     labels = {}
     for s in sites:
       for key, label, _, note in report_rows(s.run.report):
         labels.setdefault(key, (label, note))
-    rows = []
-    for key, (label, note) in labels.items():
-      rows.append([H.esc(label)] + [
-          H.fmt_metric(s.run.report.get(key)) for s in sites] + [H.esc(note)])
-    parts.append("<h2>Metrics (each run's eval/report.json)</h2>" + H.table(
-        ["metric"] + [H.esc(s.run.name) for s in sites] + ["note"], rows))
+    metric_rows = [[label] + [H.fmt_metric(s.run.report.get(key))
+                              for s in sites] + [note]
+                   for key, (label, note) in labels.items()]
     curves = {s.run.name: s.run.report["feature_selection"] for s in sites
               if s.run.report.get("feature_selection")}
     colors = {s.run.name: METHOD_COLORS.get(s.run.config.method, "#333")
               for s in sites}
+    charts = []
     if curves:
-      charts = [H.line_chart(
+      charts.append(H.line_chart(
           {n: ([p["k"] for p in c], [p["linear_top1"] for p in c])
            for n, c in curves.items()}, colors, width=380,
           title="feature selection: linear top-1 on top-k dims",
-          xlabel="k", log2_x=True, markers=True)]
+          xlabel="k", log2_x=True, markers=True))
       if all("retrieval_precision_at_10" in c[0] for c in curves.values()):
         charts.append(H.line_chart(
             {n: ([p["k"] for p in c],
@@ -737,50 +670,45 @@ class Compare:
              for n, c in curves.items()}, colors, width=380,
             title="feature selection: retrieval P@10", xlabel="k",
             log2_x=True, markers=True))
-      parts.append('<div class="charts">' + "".join(charts) + "</div>")
     # Most active dims of each run.
-    parts.append(f"<h2>Each run's {opts.compare_dims} most active dims "
-                 f"(Σ|z|) and their top {opts.compare_top} images</h2>")
-    cols = []
+    columns = []
     for s in sites:
-      body = []
+      st, dims = s.stats, []
       for dim in s.ranking[:opts.compare_dims]:
-        st = s.stats
         c = int(st["top_class"][dim])
-        imgs = "".join(self.mini(s, r) for r in s.top[int(dim)]
-                       [:opts.compare_top])
-        body.append(f'<p><a href="{s.base}{s.dim_file(dim)}">dim {dim}</a> '
-                    f"top class {H.esc(s.class_name(c))}, consistency "
-                    f"{H.fmt(st['consistency'][dim], 2)}<br>{imgs}</p>")
-      cols.append(f'<div class="runcol"><h3>{H.esc(s.run.name)}</h3>'
-                  + "".join(body) + "</div>")
-    parts.append('<div class="cols">' + "".join(cols) + "</div>")
+        dims.append({"href": s.base + s.dim_file(dim), "dim": int(dim),
+                     "top_class": s.class_name(c),
+                     "consistency": H.fmt(st["consistency"][dim], 2),
+                     "images": [self.mini(s, r) for r in s.top[int(dim)]
+                                [:opts.compare_top]]})
+      columns.append((s.run.name, dims))
     # The same test images through each run.
-    labels0, rows_ = sites[0].labels, self.rows
-    parts.append(f"<h2>The same {len(rows_)} test images in each run</h2>"
-                 "<p class=\"note\">For each image, each run's 3 largest "
-                 "dims on it (z), and those dims' top 5 test images.</p>")
-    table_rows = []
-    for r in rows_:
-      cells = [self.images.tag(r, "") + "<br>"
-               + H.esc(sites[0].class_name(labels0[r]))]
+    labels0 = sites[0].labels
+    image_rows = []
+    for r in self.rows:
+      cells = [Markup("{}<br>{}").format(self.images.tag(r, ""),
+                                         sites[0].class_name(labels0[r]))]
       for s in sites:
         lines = []
         for dim in data.active_dims_of(s.z[r])[:3]:
-          imgs = "".join(self.mini(s, q) for q in s.top[int(dim)][:5])
-          lines.append(f'<a href="{s.base}{s.dim_file(dim)}">dim {dim}</a> '
-                       f"{H.fmt(float(s.z[r, dim]), 3)} {imgs}")
-        cells.append("<br>".join(lines) or "no active dim")
-      table_rows.append(cells)
-    parts.append(H.table(["image"] + [H.esc(s.run.name) for s in sites],
-                         table_rows))
-    return "\n".join(parts)
+          lines.append(Markup('<a href="{}">dim {}</a> {} {}').format(
+              H.url(s.base + s.dim_file(dim)), dim,
+              H.fmt(float(s.z[r, dim]), 3),
+              Markup("").join(self.mini(s, q) for q in s.top[int(dim)][:5])))
+        cells.append(Markup("<br>").join(lines) or "no active dim")
+      image_rows.append(cells)
+    return {"run_names": [s.run.name for s in sites],
+            "metric_rows": metric_rows, "charts": charts,
+            "n_dims": opts.compare_dims, "n_top": opts.compare_top,
+            "columns": columns, "n_images": len(self.rows),
+            "image_rows": image_rows}
 
-  def mini(self, site: RunSite, row: int) -> str:
+  def mini(self, site: RunSite, row: int) -> Markup:
     row = int(row)
     img = self.images.tag(row, "", "mi", site.class_name(site.labels[row]))
     if row in site.has_page:
-      return f'<a href="{site.base}{site.image_file(row)}">{img}</a>'
+      return Markup('<a href="{}">{}</a>').format(
+          H.url(site.base + site.image_file(row)), img)
     return img
 
 
