@@ -42,6 +42,7 @@ from typing import Any, Callable
 
 from absl import app
 from absl import flags
+from flax import traverse_util
 import jax
 import ml_collections
 import numpy as np
@@ -52,6 +53,7 @@ from ml_collections import config_flags
 from bayesncl_jax import cli
 from bayesncl_jax import config_lib
 from bayesncl_jax import input_pipeline
+from bayesncl_jax import integrity
 from bayesncl_jax import models
 from bayesncl_jax import train
 from bayesncl_jax.interop import torch_checkpoint as tc
@@ -62,9 +64,10 @@ EXPORT_KEY = "bayesncl_jax"  # our metadata entry in an exported .ckpt
 
 def _merge(fresh, loaded):
   """`fresh` with every leaf that `loaded` holds replaced."""
-  if not isinstance(fresh, dict):
-    return fresh if loaded is None else loaded
-  return {k: _merge(v, (loaded or {}).get(k)) for k, v in fresh.items()}
+  have = traverse_util.flatten_dict(loaded or {})
+  return traverse_util.unflatten_dict({
+      path: have[path] if have.get(path) is not None else leaf
+      for path, leaf in traverse_util.flatten_dict(fresh).items()})
 
 
 def _plain(tree):
@@ -248,7 +251,12 @@ def import_checkpoint(path: str, workdir: str,
 
 def restore_trees(workdir: str, step: int | None = None
                   ) -> tuple[ml_collections.ConfigDict, int, dict, dict]:
-  """(config, step, params, batch_stats) as numpy, without the dataset."""
+  """(config, step, params, batch_stats) as numpy, without the dataset.
+
+  The checkpoint's files are first checked against its manifest
+  (`integrity.verify`): a corrupt one raises CheckpointError, as a
+  training or evaluation restore does, instead of exporting garbage.
+  """
   config = train.load_config(workdir)
   ckpt_dir = epath.Path(workdir) / "checkpoints"
   if not ckpt_dir.exists():
@@ -264,6 +272,14 @@ def restore_trees(workdir: str, step: int | None = None
           f"No checkpoint of step {step if step is not None else '(any)'} in"
           f" {ckpt_dir}; available steps: {steps}.")
     step = steps[-1] if step is None else step
+    status, detail = integrity.verify(ckpt_dir, step)
+    if status == "corrupt":
+      others = [s for s in steps if s != step]
+      raise train.CheckpointError(
+          f"The checkpoint of step {step} in {ckpt_dir} is corrupt: {detail}"
+          ". Its files changed after it was saved; nothing was exported. "
+          + (f"Other checkpoints: steps {others} (export one with "
+             "--step=N)." if others else "It is the only checkpoint."))
     meta = mngr.item_metadata(step)["state"]
     meta = getattr(meta, "tree", meta)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

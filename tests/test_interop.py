@@ -433,3 +433,38 @@ def test_fashion_mnist_features_match_torch_and_export_round_trips(tmp_path):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_array_equal(x, y)
+
+
+@needs_fmnist
+def test_export_of_a_corrupted_checkpoint_is_refused(tmp_path):
+  # pylint: disable-next=g-import-not-at-top
+  from test_faults import run, tiny_config
+  workdir = tmp_path / "run"
+  run(tiny_config(**{"optim.total_steps": 2}), workdir)
+  step_dir = workdir / "checkpoints" / "2"
+  assert (workdir / "checkpoints" / "2.manifest.json").exists()   # sealed
+  # The export of the intact checkpoint works ...
+  convert.export_checkpoint(str(workdir), str(tmp_path / "ok.ckpt"),
+                            log=lambda _: None)
+  # ... 64 bytes of its largest array file inverted (same size) make it
+  # refused with the integrity check's message, nothing written.
+  victim = max((p for p in (step_dir / "state").rglob("*")
+                if p.is_file() and p.parent.name == "d"),
+               key=lambda p: p.stat().st_size)
+  data = bytearray(victim.read_bytes())
+  mid = len(data) // 2
+  data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+  victim.write_bytes(bytes(data))
+  rel = str(victim.relative_to(step_dir))
+  with pytest.raises(train.CheckpointError,
+                     match=f"step 2 .* is corrupt: {rel}.*nothing was "
+                           "exported"):
+    convert.export_checkpoint(str(workdir), str(tmp_path / "bad.ckpt"))
+  proc = subprocess.run(
+      [sys.executable, "-m", "bayesncl_jax.convert",
+       f"--to_torch={tmp_path / 'bad.ckpt'}", f"--workdir={workdir}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 2, proc.stderr
+  assert "is corrupt" in proc.stderr and "Traceback" not in proc.stderr
+  assert not (tmp_path / "bad.ckpt").exists()

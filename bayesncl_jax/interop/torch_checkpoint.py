@@ -39,8 +39,9 @@ import dataclasses
 import os
 import re
 import zipfile
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
+from flax import traverse_util
 import numpy as np
 
 # Prefixes of a solo-learn state_dict and our top-level param collections.
@@ -447,26 +448,9 @@ def torch_shape(flax_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
   return tuple(flax_shape)
 
 
-def _get(tree: Mapping, path: tuple[str, ...]):
-  for p in path:
-    if not isinstance(tree, Mapping) or p not in tree:
-      return None
-    tree = tree[p]
-  return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
-
-
-def _leaf_paths(tree: Mapping, prefix=()) -> Iterator[tuple[str, ...]]:
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      yield from _leaf_paths(v, (*prefix, k))
-    else:
-      yield (*prefix, k)
+def _flat(tree: Mapping | None) -> dict[tuple[str, ...], Any]:
+  """{path tuple: leaf} of a nested dict (flax.traverse_util)."""
+  return {} if tree is None else traverse_util.flatten_dict(dict(tree))
 
 
 def _listing(title: str, items: list[str]) -> str:
@@ -495,7 +479,8 @@ def to_flax(ckpt: TorchCheckpoint, arch: Architecture, target: Mapping
   Returns (params, batch_stats, notes). Raises TensorMismatchError listing
   every missing, unexpected and mis-shaped tensor.
   """
-  out = {"params": {}, "batch_stats": {}}
+  out = {"params": {}, "batch_stats": {}}        # flat: {path: array}
+  flat_target = {coll: _flat(target[coll]) for coll in out}
   missing, misshaped = [], []
   used = {g: set() for g in ckpt.groups}
   wanted = [g for g in ("backbone", "projector", "classifier", "gate_head")
@@ -504,7 +489,7 @@ def to_flax(ckpt: TorchCheckpoint, arch: Architecture, target: Mapping
   for e in table:
     key = _torch_key(ckpt.kind, e)
     value = ckpt.groups[e.group].get(e.torch_name)
-    ref = _get(target[e.collection], (e.group, *e.path))
+    ref = flat_target[e.collection].get((e.group, *e.path))
     if value is None:
       missing.append(key)
       continue
@@ -516,13 +501,13 @@ def to_flax(ckpt: TorchCheckpoint, arch: Architecture, target: Mapping
       misshaped.append(f"{key}: {tuple(value.shape)} in the checkpoint, "
                        f"{want} expected")
       continue
-    _set(out[e.collection], (e.group, *e.path),
-         _to_flax_layout(value, e.layout).astype(np.float32, copy=False))
+    out[e.collection][(e.group, *e.path)] = _to_flax_layout(
+        value, e.layout).astype(np.float32, copy=False)
   covered = {(e.collection, e.group, *e.path) for e in table}
   unexpected = list(ckpt.unexpected)
   for e in table:
     if (e.torch_name in used[e.group]
-        and _get(target[e.collection], (e.group, *e.path)) is None):
+        and (e.group, *e.path) not in flat_target[e.collection]):
       used[e.group].discard(e.torch_name)
   for g, tensors in ckpt.groups.items():
     for name in tensors:
@@ -533,7 +518,7 @@ def to_flax(ckpt: TorchCheckpoint, arch: Architecture, target: Mapping
         continue
       unexpected.append(_torch_key(ckpt.kind, Entry(g, name, "", (), "")))
   for coll in ("params", "batch_stats"):
-    for path in _leaf_paths(target[coll]):
+    for path in flat_target[coll]:
       if path[0] in wanted and (coll, *path) not in covered:
         missing.append(f"(the model's {coll}/{'/'.join(path)} has no "
                        "counterpart in the checkpoint)")
@@ -555,7 +540,8 @@ def to_flax(ckpt: TorchCheckpoint, arch: Architecture, target: Mapping
   if ckpt.dropped:
     notes.append(f"dropped {', '.join(ckpt.dropped)} (torchvision's ImageNet"
                  " classifier, not part of the encoder)")
-  return out["params"], out["batch_stats"], notes
+  return (traverse_util.unflatten_dict(out["params"]),
+          traverse_util.unflatten_dict(out["batch_stats"]), notes)
 
 
 def num_batches_tracked(ckpt: TorchCheckpoint, arch: Architecture
@@ -584,14 +570,15 @@ def to_torch(arch: Architecture, params: Mapping, batch_stats: Mapping | None,
   kind = "solo-learn" if solo_names else "torchvision"
   if not solo_names:
     groups = ("backbone",)
-  trees = {"params": params, "batch_stats": batch_stats}
+  trees = {"params": _flat(params),
+           "batch_stats": None if batch_stats is None else _flat(batch_stats)}
   out: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
   consumed = set()
   missing = []
   for e in entries(arch, groups):
     if trees[e.collection] is None:
       continue
-    value = _get(trees[e.collection], (e.group, *e.path))
+    value = trees[e.collection].get((e.group, *e.path))
     if value is None:
       missing.append(f"{e.collection}/{'/'.join((e.group, *e.path))}")
       continue
@@ -608,7 +595,7 @@ def to_torch(arch: Architecture, params: Mapping, batch_stats: Mapping | None,
   for coll, tree in trees.items():
     if tree is None:
       continue
-    for path in _leaf_paths(tree):
+    for path in tree:
       if path[0] in groups and (coll, *path) not in consumed:
         extra.append(f"{coll}/{'/'.join(path)}")
   if missing or extra:
