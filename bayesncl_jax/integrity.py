@@ -40,7 +40,6 @@ import jax
 
 MANIFEST_SUFFIX = ".manifest.json"
 QUARANTINE_DIR = "corrupt_checkpoints"
-_CHUNK = 1 << 22
 
 
 class CheckpointError(RuntimeError):
@@ -70,11 +69,8 @@ def _files(folder: epath.Path) -> list[epath.Path]:
 
 
 def _sha256(path: epath.Path) -> str:
-  digest = hashlib.sha256()
-  with path.open("rb") as f:
-    while chunk := f.read(_CHUNK):
-      digest.update(chunk)
-  return digest.hexdigest()
+  with path.open("rb") as f:     # local or gs:// (fsspec files readinto)
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def fingerprint(folder) -> dict[str, dict[str, Any]]:

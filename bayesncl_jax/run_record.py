@@ -29,6 +29,7 @@ from typing import Any
 
 from absl import logging
 from etils import epath
+from flax import traverse_util
 import jax
 
 from bayesncl_jax import config_lib
@@ -88,15 +89,9 @@ def _plain(config) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort())
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, dict):
-      out.update(flatten(value, path + "."))
-    else:
-      out[path] = value
-  return out
+def flatten(tree: dict[str, Any]) -> dict[str, Any]:
+  """{"a.b.c": leaf} of a nested dict."""
+  return traverse_util.flatten_dict(tree, sep=".")
 
 
 def is_harmless(field: str) -> bool:
