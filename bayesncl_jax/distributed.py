@@ -46,7 +46,9 @@ def define_flags():
                     "with more than one host.")
 
 
-# PCI ids of Cloud TPU chips (vendor Google), as in JAX's hardware_utils.
+# PCI ids of Cloud TPU chips (vendor Google): a copy of JAX's table
+# (jax._src.hardware_utils, private, so not imported here);
+# tests/test_distributed.py checks that the two still agree.
 _GOOGLE_PCI_VENDOR = "0x1ae0"
 _TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063",
                     "0x006f", "0x0076")

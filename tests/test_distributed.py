@@ -35,6 +35,17 @@ def test_on_tpu_vm_reads_the_pci_bus(tmp_path):
   assert not distributed.on_tpu_vm(str(tmp_path / "missing"))
 
 
+def test_tpu_pci_ids_match_jaxs_own_table():
+  # distributed.py keeps a copy of JAX's private table (jax._src is not an
+  # API); a JAX upgrade that adds a TPU generation must show up here.
+  # pylint: disable-next=g-import-not-at-top
+  from jax._src import hardware_utils
+  assert distributed._GOOGLE_PCI_VENDOR == (
+      hardware_utils._GOOGLE_PCI_VENDOR_ID)
+  assert set(distributed._TPU_PCI_DEVICES) == set(
+      hardware_utils._TPU_PCI_DEVICE_IDS)
+
+
 def test_tpu_host_count_from_gke_env_or_gce_metadata():
   assert distributed.tpu_host_count(
       {"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}, metadata=_never) == 4
