@@ -105,14 +105,6 @@ def table(header: Sequence[str] | None, rows: Iterable[Sequence[str]],
                        rows=[list(r) for r in rows], cls=cls))
 
 
-def tag(name: str, attrs: Mapping[str, object], content="") -> Markup:
-  """<name attrs>content</name>; attribute values and content escaped."""
-  text = Markup("").join(Markup(' {}="{}"').format(k, v)
-                         for k, v in attrs.items() if v is not None)
-  return Markup("<{}{}>{}</{}>").format(Markup(name), text, content,
-                                        Markup(name))
-
-
 # ----------------------------------------------------------------------------
 # Inline SVG charts.
 # ----------------------------------------------------------------------------
