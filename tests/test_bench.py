@@ -287,6 +287,22 @@ def test_gpu_ledger_names_a_missing_package():
     gl.check_modules(("no_such_pkg_23.sub",))
 
 
+@pytest.mark.skipif(not FMNIST_IDX.exists(),
+                    reason="apt-get install -y dataset-fashion-mnist")
+def test_gpu_ledger_stage_copies_the_idx_files_it_then_reads(tmp_path,
+                                                            monkeypatch):
+  gl = _gpu_ledger_module()
+  staged = tmp_path / "staged"
+  monkeypatch.setattr(gl, "STAGED_DATA", str(staged))
+  monkeypatch.setattr(gl, "DEBIAN_DATA", str(tmp_path / "no_debian"))
+  with pytest.raises(gl.LedgerError, match="--stage"):
+    gl.find_data(None)
+  assert gl.stage(str(FMNIST_IDX)) == str(staged)
+  for name in gl.IDX_FILES:
+    assert (staged / name).read_bytes() == (FMNIST_IDX / name).read_bytes()
+  assert gl.find_data(None) == str(staged)  # the staged copy comes first
+
+
 def test_gpu_ledger_needs_the_data_and_a_gpu(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   done = subprocess.run(
