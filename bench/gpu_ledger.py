@@ -11,10 +11,11 @@ blocks, width 64, CIFAR stem; projector 2048 -> 256; bfloat16 compute):
   60,000 training images (the smallest budget issue 23 calls deciding).
 
 The budget is an estimate, not a measurement (no GPU was lent to the
-session that wrote this): a step is ~0.9 TFLOP (two 32 px views of 256
-images through ResNet-18, forward and backward), ~10-50 ms on an H200 at
-2-9% of its bf16 peak, so 2 x 1172 steps take 0.5-2 minutes; compilation,
-the backgrounds cache (8 s on a 2-core CPU) and the two evaluations take the
+session that wrote this): a step is ~1.9 TFLOP (512 views of 32 px through
+ResNet-18 with the CIFAR stem, ~0.6 G multiply-adds each forward, x3 for
+forward and backward), ~25-50 ms on an H100/H200 at 5-10% of its ~790
+TFLOP/s bf16 rate, so 2 x 1172 steps take 1-2 minutes; compilation, the
+backgrounds cache (8 s on a 2-core CPU) and the two evaluations take the
 rest. The driver prints each phase's wall time (reproduce.json and the
 ledger hold them); lower --steps only if a measured run does not fit.
 
