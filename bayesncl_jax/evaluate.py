@@ -265,20 +265,40 @@ REPORT_ROWS = (
      "retrieval"),
     ("top_activation_purity", "top-activation grid purity",
      "mean share of the top class in each grid row"),
-    ("gate_open_rate", "gate open rate", "BayesNCL: mean of the eval mask"),
-    ("{name}_dims", "{name} dims", "{name} purity > class purity and > "
-     "threshold"),
-    ("class_dims", "class dims", "the other active dims"),
+    ("gate_open_rate", "gate open rate", "BayesNCL: mean of the eval mask, test "
+     "split"),
+    ("{name}_dims", "{name} dims", "chosen on the train split: {name} "
+     "purity > class purity and > threshold"),
+    ("class_dims", "class dims", "the other active dims (train split)"),
     ("{name}_purity_threshold", "{name} purity threshold",
      "factor x chance (1 / #values)"),
-    ("mean_class_purity", "mean class purity (z before the gate)", ""),
-    ("mean_{name}_purity", "mean {name} purity (z before the gate)", ""),
-    ("class_consistency_all_dims", "class consistency, all dims", "final z"),
+    ("mean_class_purity", "mean class purity (z before the gate)",
+     "test split, all active dims"),
+    ("mean_{name}_purity", "mean {name} purity (z before the gate)",
+     "test split, all active dims"),
+    ("mean_class_purity_{name}_dims", "mean class purity of {name} dims",
+     "test split"),
+    ("mean_{name}_purity_{name}_dims", "mean {name} purity of {name} dims",
+     "test split"),
+    ("mean_class_purity_class_dims", "mean class purity of class dims",
+     "test split"),
+    ("mean_{name}_purity_class_dims", "mean {name} purity of class dims",
+     "test split"),
+    ("class_consistency_all_dims", "class consistency, all dims",
+     "final z, test split"),
     ("class_consistency_without_{name}_dims",
-     "class consistency without {name} dims", "final z"),
-    ("gate_open_rate_{name}_dims", "gate open rate on {name} dims",
-     "the paper predicts lower"),
-    ("gate_open_rate_class_dims", "gate open rate on class dims", ""),
+     "class consistency without {name} dims", "final z, test split"),
+    ("gate_open_rate_{name}_dims_all_samples",
+     "gate open rate on {name} dims, all samples",
+     "test split; mixes gating with activity"),
+    ("gate_open_rate_class_dims_all_samples",
+     "gate open rate on class dims, all samples", "test split"),
+    ("gate_open_rate_{name}_dims_when_active",
+     "gate open rate on {name} dims, when active",
+     "test samples where the dim fires; the paper predicts lower"),
+    ("gate_open_rate_class_dims_when_active",
+     "gate open rate on class dims, when active",
+     "test samples where the dim fires"),
     ("{name}_probe_top1_h", "{name} probe top-1 from h",
      "lower = less {name} kept"),
     ("{name}_probe_top1_z", "{name} probe top-1 from z",
@@ -382,7 +402,10 @@ def report_markdown(report: dict[str, Any]) -> str:
     mech = protocol["mechanism"]
     if mech.get("nuisance_labels"):
       lines.append(f"- mechanism ({', '.join(mech['nuisance_labels'])}): "
-                   f"a dim is a nuisance dim when {mech['nuisance_dim']}; "
+                   f"a dim is a nuisance dim when {mech['nuisance_dim']} on "
+                   f"the `{mech['selection_split']}` split (where the dims "
+                   "are chosen); purities, consistency and gate open rates "
+                   f"are scored on the `{mech['scoring_split']}` split; "
                    "purities on z before the gate.")
     else:
       lines.append("- mechanism: the dataset has no nuisance label.")

@@ -82,7 +82,8 @@ def total_loss(outputs: Mapping[str, jax.Array], labels: jax.Array, *,
   outputs: the model's outputs on the 2N rows [view 1 of all images; view 2
   of all images]. labels: (N,) class labels, used only by the online
   classifier (whose input is stop_gradient(h), so it never trains the
-  encoder). Returns the loss and float32 scalars to log.
+  encoder). Returns the loss and float32 scalars to log; with an output
+  "topk_short" (NCL+TopK) also topk_short_row_frac, its mean.
   """
   z = outputs["z"]
   nce = nt_xent_loss(z, temperature, row_sharding=row_sharding)
@@ -101,5 +102,10 @@ def total_loss(outputs: Mapping[str, jax.Array], labels: jax.Array, *,
     # gating — the same reading as the evaluation's gate_open_rate.
     metrics["gate_open_rate"] = jnp.mean(
         jax.lax.stop_gradient(outputs["gate_mask"]).astype(jnp.float32))
+  if "topk_short" in outputs:
+    # NCL+TopK: the share of rows with fewer than k positive entries of
+    # σ+(z), which keep fewer than k dims (models.top_k_mask).
+    metrics["topk_short_row_frac"] = jnp.mean(
+        outputs["topk_short"].astype(jnp.float32))
   metrics["loss"] = loss
   return loss, metrics

@@ -177,19 +177,39 @@ def gate_mask(logits: jax.Array, *, gate_type: str, temperature: float,
 
 
 def top_k_mask(z: jax.Array, k: int) -> jax.Array:
-  """1 on the k largest entries of each row of z (last axis), 0 elsewhere.
+  """1 on the k largest *positive* entries of each row of z (last axis).
 
-  Exactly k ones per row (ties go to the lower index, as `lax.top_k`). The
-  mask is a constant: z * top_k_mask(z, k) passes gradient to the kept
+  A row with at least k positive entries gets exactly k ones. A row with
+  fewer keeps only its positive entries (fewer than k ones; none for an
+  all-zero row): a zero or negative entry is never kept, because
+  `lax.top_k` would pick such entries by index (the lowest first), and with
+  `non_neg=rep_relu` a kept zero still passes GELU's gradient, so dims
+  0..k-1 would get a gradient path the other dims lack.
+
+  Ties among positive entries go to the lower index (`lax.top_k`'s order):
+  of equal values straddling the k-th place, the earlier dims are kept.
+  The mask is a constant: z * top_k_mask(z, k) passes gradient to the kept
   entries only (NCL+TopK, docs/method.md §7).
   """
   if not 1 <= k <= z.shape[-1]:
     raise ValueError(f"top_k={k} must be in 1..{z.shape[-1]} (the feature "
                      "dimension)")
-  _, idx = jax.lax.top_k(jax.lax.stop_gradient(z), k)
-  return jnp.put_along_axis(jnp.zeros(z.shape, z.dtype), idx,
-                            jnp.ones(idx.shape, z.dtype), axis=-1,
-                            inplace=False)
+  z = jax.lax.stop_gradient(z)
+  _, idx = jax.lax.top_k(z, k)
+  top = jnp.put_along_axis(jnp.zeros(z.shape, z.dtype), idx,
+                           jnp.ones(idx.shape, z.dtype), axis=-1,
+                           inplace=False)
+  return top * (z > 0).astype(z.dtype)
+
+
+def top_k_short_rows(z: jax.Array, k: int) -> jax.Array:
+  """(B,) float 0/1: 1 where a row of z has fewer than k positive entries.
+
+  Those are the rows `top_k_mask` keeps fewer than k entries of; training
+  logs their share as `topk_short_row_frac`.
+  """
+  positives = jnp.sum(jax.lax.stop_gradient(z) > 0, axis=-1)
+  return (positives < k).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------
@@ -398,9 +418,11 @@ class ContrastiveModel(nn.Module):
     logits:     (B, num_classes) online classifier on stop_gradient(h).
     gate_probs: (B, proj_out) p = sigmoid(a/τ) (BayesNCL; else absent).
     gate_mask:  (B, proj_out) the mask m applied (BayesNCL; else absent).
+    topk_short: (B,) 1 where σ+(z) has fewer than top_k positive entries,
+                so fewer than top_k are kept (NCL+TopK; else absent).
 
   Variants (docs/method.md §7): method `ncl_topk` keeps each row's `top_k`
-  largest entries of σ+(z); `gate_train_mode="soft"` trains with z ⊙ p;
+  largest positive entries of σ+(z) (all its positive ones if fewer); `gate_train_mode="soft"` trains with z ⊙ p;
   `gate_isolate=False` feeds the gate head h itself (the backbone then gets
   gradient through the gate); `gate_depth` is the gate head's Dense count.
   """
@@ -446,10 +468,11 @@ class ContrastiveModel(nn.Module):
     z = self.projector(h).astype(jnp.float32)
     # CL is SimCLR: signed features, whatever non_neg says.
     z = non_negative(z, "none" if self.method == "cl" else self.non_neg)
+    out = {}
     if self.method == "ncl_topk":
+      out["topk_short"] = top_k_short_rows(z, self.top_k)
       z = z * top_k_mask(z, self.top_k)
     z = l2_normalize(z)
-    out = {}
     if self.method == "bayesncl":
       gate_in = jax.lax.stop_gradient(h) if self.gate_isolate else h
       logits = self.gate_head(gate_in).astype(jnp.float32)

@@ -105,7 +105,7 @@ HEADLINE = (
     (("sparsity",), "sparsity"),
     (("active_dims_per_sample_mean",), "active dims / sample"),
     (("active_dims",), "active dims"),
-    (("gate_open_rate",), "gate open rate"),
+    (("gate_open_rate",), "gate open rate (eval, test split)"),
 )
 # Top-level numbers of report.json that describe the run, not the features.
 REPORT_META_KEYS = frozenset({

@@ -233,3 +233,113 @@ def test_gpu_sh_refuses_without_a_gpu(tmp_path):
                         capture_output=True, text=True, timeout=120)
   assert done.returncode == 2 and "--tiny" in done.stderr
   assert not (tmp_path / "R.md").exists()
+
+
+# ----------------------------------------------------------------------------
+# bench/gpu_ledger.sh: the testbed ledger at ResNet-18 width on one GPU.
+# ----------------------------------------------------------------------------
+FMNIST_IDX = pathlib.Path("/usr/share/datasets/fashion-mnist")
+
+
+def _gpu_ledger_module():
+  spec = importlib.util.spec_from_file_location("gpu_ledger",
+                                                BENCH / "gpu_ledger.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_gpu_ledger_config_is_resnet18_at_five_epochs(tmp_path):
+  """The full-size grid's config, parsed as `main` parses it: the testbed
+  with configs/cifar10.py's ResNet-18, 5.0 epochs of 256, data carried."""
+  from bayesncl_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from bayesncl_jax import models  # pylint: disable=g-import-not-at-top
+  from bayesncl_jax import reproduce  # pylint: disable=g-import-not-at-top
+  gl = _gpu_ledger_module()
+  args = gl.parse_args([])
+  argv = gl.reproduce_argv(args, "/data/fmnist", str(tmp_path))
+  assert f"--steps={gl.DEFAULT_STEPS}" in argv
+  assert "--variants=ncl,bayesncl_ste" in argv
+  flags = [a for a in argv if a.startswith("--config.")]
+  cifar = config_lib.load_file(ROOT / "configs" / "cifar10.py")
+  for variant in gl.VARIANTS:
+    c = reproduce.load_variant_config(gl.CONFIG, variant, 0, gl.DEFAULT_STEPS,
+                                      flags)
+    config_lib.validate(c)
+    assert c.dataset.name == "fashion_mnist_backgrounds"
+    for key in ("width", "stage_sizes", "proj_hidden", "proj_out", "stem",
+                "backbone", "dtype"):
+      assert c.model[key] == cifar.model[key], key
+    stages = tuple(c.model.stage_sizes) or None
+    assert models.ResNet(c.model.backbone, c.model.width,
+                         stage_sizes=stages).feature_dim == 512
+    assert (c.dataset.data_dir, c.aug.crop_on) == ("/data/fmnist", "device")
+    assert c.optim.batch_size * c.optim.total_steps / 60_000 == pytest.approx(
+        5.0, abs=0.01)
+  assert c.method == "bayesncl" and c.gate.type == "ste"
+
+
+def test_gpu_ledger_names_a_missing_package():
+  gl = _gpu_ledger_module()
+  gl.check_modules(("json",))
+  with pytest.raises(gl.LedgerError, match="package 'no_such_pkg_23' is "
+                     "missing.*pip download"):
+    gl.check_modules(("no_such_pkg_23.sub",))
+
+
+@pytest.mark.skipif(not FMNIST_IDX.exists(),
+                    reason="apt-get install -y dataset-fashion-mnist")
+def test_gpu_ledger_stage_copies_the_idx_files_it_then_reads(tmp_path,
+                                                            monkeypatch):
+  gl = _gpu_ledger_module()
+  staged = tmp_path / "staged"
+  monkeypatch.setattr(gl, "STAGED_DATA", str(staged))
+  monkeypatch.setattr(gl, "DEBIAN_DATA", str(tmp_path / "no_debian"))
+  with pytest.raises(gl.LedgerError, match="--stage"):
+    gl.find_data(None)
+  assert gl.stage(str(FMNIST_IDX)) == str(staged)
+  for name in gl.IDX_FILES:
+    assert (staged / name).read_bytes() == (FMNIST_IDX / name).read_bytes()
+  assert gl.find_data(None) == str(staged)  # the staged copy comes first
+
+
+def test_gpu_ledger_needs_the_data_and_a_gpu(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  done = subprocess.run(
+      ["bash", str(BENCH / "gpu_ledger.sh"), "--tiny",
+       f"--data={tmp_path / 'nothing'}"], cwd=ROOT, env=env,
+      capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2
+  assert "No Fashion-MNIST IDX files" in done.stderr
+  assert "--stage" in done.stderr and "Traceback" not in done.stderr
+  if shutil.which("nvidia-smi", path="/usr/bin:/bin") is None:
+    env["PATH"] = "/usr/bin:/bin"
+    done = subprocess.run(["bash", str(BENCH / "gpu_ledger.sh")], cwd=ROOT,
+                          env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "--tiny" in done.stderr
+
+
+@pytest.mark.skipif(not FMNIST_IDX.exists(),
+                    reason="apt-get install -y dataset-fashion-mnist")
+def test_gpu_ledger_sh_tiny(tmp_path):
+  """bench/gpu_ledger.sh --tiny: the whole grid (train, evaluate, ledger) at
+  toy sizes on the CPU, ledger and reports copied."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  ledger = tmp_path / "ledger"
+  done = subprocess.run(
+      ["bash", str(BENCH / "gpu_ledger.sh"), "--tiny",
+       f"--out={tmp_path / 'grid'}", f"--ledger={ledger}",
+       f"--data={FMNIST_IDX}"], cwd=ROOT, env=env, capture_output=True,
+      text=True, timeout=900)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  assert sorted(p.name for p in ledger.iterdir()) == [
+      "bayesncl_ste_seed0_report.json", "ledger.json", "ledger.md",
+      "ledger.png", "ncl_seed0_report.json"]
+  data = json.loads((ledger / "ledger.json").read_text())
+  assert set(data["variants"]) >= {"ncl", "bayesncl_ste"}
+  report = json.loads((ledger / "bayesncl_ste_seed0_report.json").read_text())
+  assert report["step"] == 2
+  assert report["protocol"]["mechanism"]["selection_split"] == "train"
+  assert "gate_open_rate_background_dims_when_active" in report
+  assert "--config.model.width=4" in (ledger / "ledger.md").read_text()

@@ -19,6 +19,7 @@ from bayesncl_jax import evaluate
 from bayesncl_jax import input_pipeline
 from bayesncl_jax import metrics
 from bayesncl_jax import train
+from bayesncl_jax.evaluators import base
 from bayesncl_jax.evaluators import linear_probe
 from bayesncl_jax.evaluators import mechanism
 from bayesncl_jax.evaluators import supervised
@@ -478,18 +479,21 @@ def test_mechanism_end_to_end_with_a_nuisance_source(tiny_workdir, tmp_path,
   setup, state = evaluate.load_state(str(tiny_workdir))
   te = evaluate.extract_features(setup, state, "test", 32, 96)
   tr = evaluate.extract_features(setup, state, "train", 32, 96,
-                                 keys=("h", "z", "z_raw"))
+                                 keys=base.TRAIN_FEATURE_KEYS)
   np.testing.assert_array_equal(te["nuisance_background"],
                                 np.arange(96) % 3)
   want, arrays = mechanism.mechanism_metrics(
-      te, 10, "background", 1.5, tr,
+      tr, te, 10, "background", 1.5,
       dataclasses.replace(linear_probe.ProbeConfig(), epochs=2))
   for key, value in want.items():
     assert report[key] == _none_if_nan(value), key
   dims = np.load(tmp_path / "dims.npz")
   np.testing.assert_array_equal(dims["is_background_dim"],
                                 arrays["is_background_dim"])
-  assert "| background dims |" in (tmp_path / "report.md").read_text()
+  md = (tmp_path / "report.md").read_text()
+  assert "| background dims |" in md
+  assert "on the `train` split (where the dims are chosen)" in md
+  assert report["protocol"]["mechanism"]["scoring_split"] == "test"
 
 
 @needs_fmnist

@@ -148,3 +148,18 @@ def test_total_loss_composition_per_method():
     _, metrics = losses.total_loss({**outputs, "gate_mask": mask}, labels,
                                    method="bayesncl", temperature=0.2)
     np.testing.assert_allclose(metrics["gate_open_rate"], want, rtol=1e-6)
+
+
+def test_topk_short_row_frac_is_the_share_of_short_rows():
+  """NCL+TopK's "topk_short" output (1 = the row had fewer than k positive
+  entries of σ+(z)) is logged as its mean; other methods log nothing."""
+  z = models.l2_normalize(jnp.ones((4, 3)))
+  outputs = {"z": z, "logits": jnp.zeros((4, 2))}
+  labels = jnp.array([0, 1])
+  _, metrics = losses.total_loss(
+      {**outputs, "topk_short": jnp.array([1.0, 0.0, 0.0, 1.0])}, labels,
+      method="ncl_topk", temperature=0.2)
+  assert float(metrics["topk_short_row_frac"]) == 0.5
+  _, metrics = losses.total_loss(outputs, labels, method="ncl",
+                                 temperature=0.2)
+  assert "topk_short_row_frac" not in metrics

@@ -186,15 +186,22 @@ def test_soft_training_gate_is_p_with_its_gradient():
                      train=True, train_mode="dropout")
 
 
-def test_top_k_mask_values_ties_and_gradient():
+def test_top_k_mask_keeps_k_largest_positive_entries():
   z = jnp.array([[0.0, 3.0, 1.0, 2.0, 0.5],
-                 [1.0, 1.0, 1.0, 0.0, 0.0],   # ties: the lower indices win
-                 [0.0, 0.0, 0.0, 0.0, 0.2]])  # fewer than k positive
+                 [1.0, 1.0, 1.0, 0.0, 0.0],    # ties: the lower indices win
+                 [0.0, 0.0, 0.0, 0.0, 0.2],    # fewer than k positive
+                 [0.0, 0.0, 0.0, 0.0, 0.0],    # none positive
+                 [-1.0, -0.5, 0.3, -2.0, 0.0]])  # negatives are never kept
   np.testing.assert_array_equal(models.top_k_mask(z, 2),
                                 [[0, 1, 0, 1, 0], [1, 1, 0, 0, 0],
-                                 [1, 0, 0, 0, 1]])
+                                 [0, 0, 0, 0, 1], [0, 0, 0, 0, 0],
+                                 [0, 0, 1, 0, 0]])
+  positives = np.array([4, 3, 1, 0, 1])
   for k in range(1, 6):
-    np.testing.assert_array_equal(models.top_k_mask(z, k).sum(-1), k)
+    np.testing.assert_array_equal(models.top_k_mask(z, k).sum(-1),
+                                  np.minimum(k, positives))
+    np.testing.assert_array_equal(models.top_k_short_rows(z, k),
+                                  (positives < k).astype(np.float32))
   # Gradient reaches the kept entries only (value-weighted sum so that each
   # kept entry gets a distinct non-zero gradient).
   w = jnp.arange(1.0, 6.0)
@@ -202,6 +209,68 @@ def test_top_k_mask_values_ties_and_gradient():
   np.testing.assert_array_equal(g, models.top_k_mask(z, 2) * w)
   with pytest.raises(ValueError, match="top_k=6 must be in 1..5"):
     models.top_k_mask(z, 6)
+
+
+def _head_with_output(pre, non_neg, top_k):
+  """A tiny NCL+TopK model whose projector outputs `pre` for any h (last
+  Dense: zero kernel, bias = pre), and its variables."""
+  model = _tiny("ncl_topk", non_neg=non_neg, top_k=top_k)
+  x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3))
+  variables = model.init(jax.random.key(1), x, train=False)
+  params = jax.tree.map(lambda a: a, variables["params"])
+  last = params["projector"]["Dense_1"]
+  last["kernel"] = jnp.zeros_like(last["kernel"])
+  last["bias"] = jnp.asarray(pre, jnp.float32)
+  h = jnp.ones((1, 8))
+  return model, params, h
+
+
+def _topk_expected(pre, keep, w, non_neg):
+  """Hand formula: z = v / ||v||, v = σ+(pre) ⊙ keep; the gradient of
+  L = w·z w.r.t. pre is keep ⊙ σ+'(pre) ⊙ (w − z (z·w)) / ||v||."""
+  pre, keep, w = (np.asarray(a, np.float64) for a in (pre, keep, w))
+  v = np.maximum(pre, 0) * keep
+  norm = np.linalg.norm(v)
+  z = v / norm
+  slope = (_gelu_grad_np(pre) if non_neg == "rep_relu"
+           else (pre > 0).astype(np.float64))
+  return z, keep * slope * (w - z * (z @ w)) / norm
+
+
+@pytest.mark.parametrize("non_neg", ["rep_relu", "relu"])
+@pytest.mark.parametrize("pre,top_k,keep", [
+    # 2 positive entries, k = 3: only those two are kept; the zero (dim 1)
+    # and the negatives never are, whatever their index.
+    ([-1.0, 0.0, 0.5, -0.2, 2.0, -3.0, -0.1, -0.4], 3,
+     [0, 0, 1, 0, 1, 0, 0, 0]),
+    # 1 positive entry, k = 4.
+    ([-0.3, -1.0, -0.5, 0.0, -2.0, 0.7, -0.6, -0.2], 4,
+     [0, 0, 0, 0, 0, 1, 0, 0]),
+    # Ties among positives at the k-th place: the lower index wins (k = 2
+    # keeps dim 3 (the largest) and dim 0, the first of the three 0.5s).
+    ([0.5, -1.0, 0.5, 2.0, 0.5, -0.2, 0.0, -0.3], 2,
+     [1, 0, 0, 1, 0, 0, 0, 0]),
+])
+def test_ncl_topk_short_rows_value_and_gradient_of_every_dim(
+    non_neg, pre, top_k, keep):
+  model, params, h = _head_with_output(pre, non_neg, top_k)
+  w = jnp.arange(1.0, 9.0)
+
+  def loss(bias):
+    p = {**params, "projector": {**params["projector"], "Dense_1": {
+        "kernel": params["projector"]["Dense_1"]["kernel"], "bias": bias}}}
+    out = model.apply({"params": p}, h, train=True, method="project")
+    return jnp.sum(out["z"][0] * w), out
+
+  (_, out), grad = jax.value_and_grad(loss, has_aux=True)(
+      params["projector"]["Dense_1"]["bias"])
+  want_z, want_grad = _topk_expected(pre, keep, w, non_neg)
+  np.testing.assert_allclose(out["z"][0], want_z, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
+  # No dim outside the kept set has a gradient path.
+  assert np.all(np.asarray(grad)[np.asarray(keep) == 0] == 0)
+  positives = int(np.sum(np.asarray(pre) > 0))
+  assert float(out["topk_short"][0]) == float(positives < top_k)
 
 
 def test_eval_gate_uses_trained_temperature_and_threshold_no_noise():

@@ -123,7 +123,7 @@ def test_headline_order_and_topk_consistency_name():
       ("linear_top1", "linear top-1"), ("knn_top1", "kNN top-1"),
       ("semantic_consistency", "semantic consistency"),
       ("consistency_at_top_k", "top-k consistency"),
-      ("sparsity", "sparsity"), ("gate_open_rate", "gate open rate")]
+      ("sparsity", "sparsity"), ("gate_open_rate", "gate open rate (eval, test split)")]
 
 
 def test_ledger_from_synthetic_runs(tmp_path):

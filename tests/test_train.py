@@ -110,11 +110,46 @@ def test_variants_train_and_report_online_stats(arg, tmp_path):
     assert summary["train_sparsity"] >= 1 - 3 / 16
     assert summary["test_sparsity"] >= 1 - 3 / 16
     assert "train_gate_open_rate" not in summary
+    # The share of rows short of k positive entries, in every logged row.
+    logged = read_jsonl(tmp_path / "metrics.jsonl")
+    assert all(0.0 <= m["topk_short_row_frac"] <= 1.0 for m in logged)
+    assert summary["train_topk_short_row_frac"] == logged[-1][
+        "topk_short_row_frac"]
   else:
     # Soft gating: the training "open rate" is the mean p, in (0, 1).
     assert 0.0 < summary["train_gate_open_rate"] < 1.0
     assert 0.0 <= summary["test_gate_open_rate"] <= 1.0
     assert np.isfinite(summary["train_kl"])
+
+
+@needs_fmnist
+def test_topk_short_row_frac_counts_rows_short_of_k_positives():
+  """The training step's topk_short_row_frac against the projector output
+  recomputed from h: the share of the 2N rows with < k positive entries."""
+  k = 8  # of 16 dims: at initialisation some rows are short, some not.
+  config = load_config("fashion_mnist", f"method=ncl_topk,top_k={k}",
+                       **{"optim.batch_size": 16, "optim.total_steps": 1})
+  setup = train.build(config, sharding.make_mesh(jax.devices()[:1]))
+  state = train.init_state(setup, jax.random.key(0))
+  update = train.make_update_fn(config, setup.model, setup.tx)
+  views = jax.random.normal(jax.random.key(1), (2, 16, *setup.image_shape))
+  labels = jax.numpy.zeros(16, jax.numpy.int32)
+  _, _, extras = update(state, views[0], views[1], labels, None)
+  h = extras["outputs"]["h"]  # the projector does not change h
+
+  def projector_out(params):
+    return np.asarray(setup.model.apply({"params": params}, h,
+                                        method=lambda m, h: m.projector(h)))
+  # At initialisation every row has the same sign pattern (the output bias
+  # dominates): centre each output dim on its median so rows differ.
+  params = state.params
+  dense = params["projector"]["Dense_1"]
+  dense["bias"] = dense["bias"] - np.median(projector_out(params), axis=0)
+  state = state.replace(params=params)
+  _, metrics, _ = update(state, views[0], views[1], labels, None)
+  short = np.sum(projector_out(state.params) > 0, axis=1) < k
+  assert 0 < short.sum() < short.size  # both kinds of row occur
+  assert float(metrics["topk_short_row_frac"]) == pytest.approx(short.mean())
 
 
 @needs_fmnist

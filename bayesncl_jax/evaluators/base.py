@@ -39,8 +39,9 @@ CLASS_NAMES = {
 CLASS_NAMES["fashion_mnist_backgrounds"] = CLASS_NAMES["fashion_mnist"]
 
 
-# What is kept of the train split's features (the test split keeps all).
-TRAIN_FEATURE_KEYS = ("h", "z", "z_raw")
+# What is kept of the train split's features (the test split keeps all);
+# z_pregate (BayesNCL) is what the mechanism protocol chooses its dims on.
+TRAIN_FEATURE_KEYS = ("h", "z", "z_raw", "z_pregate")
 
 
 class EvaluationError(RuntimeError):
