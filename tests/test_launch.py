@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 import types
@@ -926,3 +927,44 @@ for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i "$@" || exit; done
   proc = subprocess.run(["bash", str(LAUNCH / "gpu_slurm.sbatch")],
                         capture_output=True, text=True, env=env, timeout=60)
   assert proc.returncode != 0 and "run this with sbatch" in proc.stderr
+
+
+@pytest.mark.parametrize("eval_after", [False, True])
+@pytest.mark.parametrize("sig", ["TERM", "HUP"])
+def test_gpu_train_signal_to_the_wrapper_reaches_python(fake, eval_after,
+                                                        sig):
+  """A signal sent to gpu_train.sh's pid only (as a supervisor or a
+  scheduler sends it) reaches Python, which saves and exits 143; the
+  wrapper exits 143 too, skips --eval and leaves no process behind."""
+  saved, pid_file = fake.tmp / "saved", fake.tmp / "python.pid"
+  # The fake main: saves on TERM/HUP (as train.py does), exits 143.
+  python = write_exe(fake.bin / "mypython", fake.record("python", f"""
+case "$*" in *bayesncl_jax.evaluate*) exit 0 ;; esac
+echo $$ > "{pid_file}"
+trap 'echo step > "{saved}"; exit 143' TERM HUP INT
+while :; do sleep 0.05; done
+"""))
+  args = [*VALID["gpu_train.sh"], f"--python={python}"]
+  wrapper = subprocess.Popen(
+      ["bash", str(LAUNCH / "gpu_train.sh"), *args,
+       *(["--eval"] if eval_after else [])],
+      env=fake.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 20
+    while not pid_file.exists():
+      assert wrapper.poll() is None and time.time() < deadline
+      time.sleep(0.05)
+    time.sleep(0.3)  # the fake's trap is set
+    python_pid = int(pid_file.read_text())
+    # exec'd without --eval (same pid); a child with --eval.
+    assert (python_pid == wrapper.pid) != eval_after
+    os.kill(wrapper.pid, getattr(signal, f"SIG{sig}"))
+    _, err = wrapper.communicate(timeout=20)
+  finally:
+    if wrapper.poll() is None:
+      wrapper.kill()
+  assert wrapper.returncode == 143, err
+  assert saved.read_text() == "step\n"
+  assert [c["argv"][1] for c in fake.calls("python")] == ["bayesncl_jax.main"]
+  with pytest.raises(ProcessLookupError):  # no orphan
+    os.kill(python_pid, 0)
