@@ -475,8 +475,17 @@ def online_eval(setup: Setup, state: TrainState, batch_size: int = 512
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143
 
 
+# Signals that mean "the machine is going away": SIGTERM (a scheduler, a
+# supervisor, systemd stopping everything at a Spot preemption's or a
+# maintenance event's ACPI shutdown) and SIGHUP (the terminal or the tmux
+# server holding the run goes, which it does when systemd stops it at
+# shutdown). Both save and exit with PREEMPTED_EXIT_CODE.
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 class _Preemption:
-  """A preemption notice (SIGTERM), as a step at which to save and stop.
+  """A preemption notice (SIGTERM or SIGHUP), as a step at which to save
+  and stop.
 
   One process: a Python SIGTERM handler sets a flag the loop checks after
   every step. Several processes (a pod): a host that gets SIGTERM must not
@@ -485,29 +494,39 @@ class _Preemption:
   `jax.distributed.initialize`, it catches SIGTERM itself) tells every
   process the same step, the one after the furthest any of them has reached,
   through `reached_preemption_sync_point`, which Orbax's
-  `CheckpointManager.reached_preemption` calls; no Python handler is
-  installed then, since it would replace the service's.
+  `CheckpointManager.reached_preemption` calls; no Python SIGTERM handler
+  is installed then, since it would replace the service's. SIGHUP, which
+  the service does not watch, is turned into a SIGTERM to this process, so
+  that it reaches the service (or, on one process, the same handler).
   """
 
   def __init__(self, mngr):
     self._mngr = mngr
     self._multi = jax.process_count() > 1
     self.requested = False
-    self._previous = None
+    self._previous = {}
 
   def __enter__(self):
-    if self._multi:
-      return self
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: preemption handling is off.
-      self._previous = None
+    handlers = {signal.SIGHUP: self._hangup}
+    if not self._multi:
+      handlers[signal.SIGTERM] = self._handle
+    for signum, handler in handlers.items():
+      try:
+        self._previous[signum] = signal.signal(signum, handler)
+      except ValueError:  # not the main thread: preemption handling is off.
+        pass
     return self
 
   def _handle(self, signum, frame):
     del signum, frame
     logging.warning("SIGTERM received: saving a checkpoint and exiting.")
     self.requested = True
+
+  def _hangup(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGHUP received (the terminal or tmux session is "
+                    "going away): handled as SIGTERM.")
+    os.kill(os.getpid(), signal.SIGTERM)
 
   def reached(self, step: int) -> bool:
     """Whether to save and stop after `step`; call it after every step."""
@@ -521,8 +540,8 @@ class _Preemption:
     return self.requested
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 def _progress(total, initial, enabled):
@@ -575,7 +594,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   rng_init, rng_train = jax.random.split(rng)
 
   fallback, prior_seconds = [], 0.0
-  if mngr.latest_step() is not None:
+  if integrity.agreed_latest_step(mngr) is not None:
     state, restored_step, fallback = integrity.restore_newest_intact(
         mngr, workdir, lambda s: restore_checkpoint(mngr, setup, data_iter,
                                                     step=s, verify=False))
