@@ -442,15 +442,20 @@ def make_eval_step(setup: Setup):
                  out_shardings=rep)
 
 
+def online_eval_iterator(config, num_devices: int, batch_size: int):
+  """The test split in global batches of `batch_size`, rounded down to a
+  multiple of the `num_devices` devices of the mesh (at least one row each).
+  Each process reads batch_size / process_count of every batch."""
+  batch_size = max(num_devices, batch_size // num_devices * num_devices)
+  return input_pipeline.create_eval_iterator(
+      config, config.dataset.eval_split, batch_size)
+
+
 def online_eval(setup: Setup, state: TrainState, batch_size: int = 512
                 ) -> dict[str, float]:
   """Test-split online linear accuracy, feature sparsity, gate open rate."""
-  config = setup.config
-  batch_size = max(setup.mesh.size,
-                   batch_size // setup.mesh.size * setup.mesh.size)
   step = make_eval_step(setup)
-  it = input_pipeline.create_eval_iterator(
-      config, config.dataset.eval_split, batch_size // jax.process_count())
+  it = online_eval_iterator(setup.config, setup.mesh.size, batch_size)
   totals = None
   for batch in it:
     res = step(state.params, state.batch_stats,

@@ -339,3 +339,21 @@ def test_invalid_config_fails_before_compiling(tmp_path):
   config = load_config("fashion_mnist", **{"optim.batch_size": 12})
   with pytest.raises(config_lib.ConfigError, match="not divisible by the 8"):
     train.build(config, sharding.make_mesh(jax.devices()[:8]))
+
+
+@needs_fmnist
+@pytest.mark.parametrize("processes, local_devices", [(16, 4), (16, 8),
+                                                      (2, 1)])
+def test_online_eval_batches_fill_every_local_device(monkeypatch, processes,
+                                                     local_devices):
+  """16 hosts with 4 or 8 devices each: every process reads 512 / 16 = 32
+  rows per batch (a multiple of its devices), not 512 / 16 / 16 = 2."""
+  config = load_config("fashion_mnist", **{"dataset.eval_split": "test"})
+  for index in (0, processes - 1):
+    monkeypatch.setattr(jax, "process_count", lambda: processes)
+    monkeypatch.setattr(jax, "process_index", lambda i=index: i)
+    it = train.online_eval_iterator(config, processes * local_devices, 512)
+    batch = next(it)
+    assert batch["image"].shape[0] == 512 // processes
+    assert batch["image"].shape[0] % local_devices == 0
+    del it
