@@ -904,17 +904,21 @@ def test_gpu_slurm_sbatch_starts_one_process_per_node(fake, tmp_path):
   task runs gpu_train.sh with the first node as coordinator and its own
   SLURM_PROCID; --dry-run is passed through, so each prints its command."""
   write_exe(fake.bin / "scontrol", "#!/bin/sh\nprintf 'gpu-a\\ngpu-b\\n'\n")
-  write_exe(fake.bin / "srun", """#!/bin/bash
+  srun_env = tmp_path / "srun_env"
+  write_exe(fake.bin / "srun", f"""#!/bin/bash
+echo "SRUN_CPUS_PER_TASK=${{SRUN_CPUS_PER_TASK-unset}}" > "{srun_env}"
 while [[ $1 == --* ]]; do shift; done
 for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i "$@" || exit; done
 """)
   env = {**fake.env, "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_NTASKS": "2",
-         "SLURM_SUBMIT_DIR": str(LAUNCH.parent)}
+         "SLURM_SUBMIT_DIR": str(LAUNCH.parent), "SLURM_CPUS_PER_TASK": "32"}
   proc = subprocess.run(
       ["bash", str(LAUNCH / "gpu_slurm.sbatch"), "--config=configs/c.py",
        "--workdir=gs://bucket/run", *TRICKY, "--dry-run"],
       capture_output=True, text=True, env=env, timeout=60)
   assert proc.returncode == 0, proc.stderr
+  # srun >= 22.05 ignores the allocation's --cpus-per-task without it.
+  assert srun_env.read_text() == "SRUN_CPUS_PER_TASK=32\n"
   cmds = [shlex.split(line[2:]) for line in proc.stdout.splitlines()]
   python = f"{LAUNCH.parent}/.venv/bin/python"
   assert cmds == [
