@@ -10,6 +10,7 @@ pkill or TPU is touched.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -967,6 +968,9 @@ while :; do sleep 0.05; done
   finally:
     if wrapper.poll() is None:
       wrapper.kill()
+    if pid_file.exists() and wrapper.returncode != 143:  # a failed run
+      with contextlib.suppress(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
   assert wrapper.returncode == 143, err
   assert saved.read_text() == "step\n"
   assert [c["argv"][1] for c in fake.calls("python")] == ["bayesncl_jax.main"]

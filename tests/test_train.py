@@ -234,7 +234,12 @@ def test_sigterm_saves_and_exits_with_the_preemption_code(tmp_path, how,
     assert time.time() < deadline, "training never started"
     time.sleep(0.5)
   proc.send_signal(signum)
-  _, stderr = proc.communicate(timeout=120)
+  try:
+    _, stderr = proc.communicate(timeout=120)
+  finally:
+    leftover = _python_pids_under(tmp_path)
+    for pid in leftover:  # a failed test leaves no training behind
+      os.kill(pid, signal.SIGKILL)
   # Saved, then the distinct "preempted" status: not a completed run.
   assert proc.returncode == train.PREEMPTED_EXIT_CODE == 143, stderr[-3000:]
   steps = integrity.committed_steps(tmp_path / "checkpoints")
@@ -242,7 +247,7 @@ def test_sigterm_saves_and_exits_with_the_preemption_code(tmp_path, how,
   assert "SIGTERM received" in stderr
   assert ("SIGHUP received" in stderr) == (signum == signal.SIGHUP)
   assert "bayesncl_jax.evaluate" not in stderr
-  assert _python_pids_under(tmp_path) == []
+  assert leftover == []
 
 
 @needs_fmnist
