@@ -15,6 +15,7 @@ usage() {
 Usage: $SCRIPT_NAME --name=NAME --zone=ZONE --config=CONFIG --workdir=gs://BUCKET/DIR
          [--config.FIELD=VALUE ...] [--eval | --eval_only] [--project=PROJECT]
          [--detach=tmux|nohup] [--session=NAME] [--allow_local_workdir]
+         [--env=NAME,NAME...]
          [--repo_dir=$DEFAULT_REPO_DIR] [--venv=$DEFAULT_VENV]
          [--log_dir=$DEFAULT_LOG_DIR] [--dry-run]
 
@@ -32,6 +33,9 @@ Usage: $SCRIPT_NAME --name=NAME --zone=ZONE --config=CONFIG --workdir=gs://BUCKE
   --session              tmux session / log file name (default: bayesncl, or
                          bayesncl_eval with --eval_only)
   --allow_local_workdir  accept a path on the VM's disk: single-host VMs only
+  --env                  names of environment variables set here to set on
+                         every worker too (XLA_FLAGS and LIBTPU_INIT_ARGS go
+                         whenever they are set here)
   --repo_dir, --venv     as given to tpu_setup.sh
   --log_dir              per-worker logs (default: $DEFAULT_LOG_DIR)
   --dry-run              print the gcloud command instead of running it
@@ -39,9 +43,9 @@ EOF
 }
 
 NAME="" ZONE="" PROJECT="" CONFIG="" WORKDIR="" EVAL=0 EVAL_ONLY=0
-DETACH="tmux" SESSION="" ALLOW_LOCAL_WORKDIR=0
+DETACH="tmux" SESSION="" ALLOW_LOCAL_WORKDIR=0 ENV=""
 REPO_DIR=$DEFAULT_REPO_DIR VENV=$DEFAULT_VENV LOG_DIR=$DEFAULT_LOG_DIR
-parse_flags "name zone project config workdir detach session repo_dir venv log_dir config.*" \
+parse_flags "name zone project config workdir detach session repo_dir venv log_dir env config.*" \
   "eval eval_only allow_local_workdir" "$@"
 require_flags name zone workdir repo_dir venv log_dir
 if [[ $EVAL_ONLY == 1 ]]; then
@@ -62,7 +66,22 @@ if [[ $WORKDIR != gs://?* && $ALLOW_LOCAL_WORKDIR == 0 ]]; then
 fi
 [[ $SESSION =~ ^[A-Za-z0-9_.-]+$ ]] || die "--session=$SESSION: use letters, digits, _ . -"
 case $DETACH in tmux | nohup) ;; *) die "--detach=$DETACH: expected tmux or nohup" ;; esac
+[[ -z $ENV || $ENV =~ ^[A-Za-z_][A-Za-z0-9_]*(,[A-Za-z_][A-Za-z0-9_]*)*$ ]] ||
+  die "--env=$ENV: expected variable names separated by commas, e.g. --env=TPU_STDERR_LOG_LEVEL,JAX_TRACEBACK_FILTERING"
 require_cmd gcloud
+
+# The environment every worker's job gets: XLA_FLAGS and LIBTPU_INIT_ARGS
+# (XLA and libtpu tuning) when set here, and every variable --env names.
+forwarded=()
+for var in XLA_FLAGS LIBTPU_INIT_ARGS ${ENV//,/ }; do
+  if [[ -z ${!var+set} ]]; then
+    [[ $var == XLA_FLAGS || $var == LIBTPU_INIT_ARGS ]] ||
+      die "--env names $var, which is not set here: export $var=VALUE first"
+    continue
+  fi
+  case " ${forwarded[*]-} " in *" $var="*) continue ;; esac
+  forwarded+=("$var=${!var}")
+done
 
 # The job, as one POSIX sh command line run on each worker. -u: unbuffered
 # output, so that the log file follows the run live.
@@ -80,7 +99,8 @@ else
   steps=$train
 fi
 # \$? and \$(hostname) are left for the worker's shell to expand.
-job="cd $(remote_path "$REPO_DIR") && { $steps; } >>$log 2>&1; echo \"[bayesncl] exited with status \$?\" >>$log"
+exports=${forwarded[0]+"export $(shq "${forwarded[@]}") && "}
+job="cd $(remote_path "$REPO_DIR") && $exports{ $steps; } >>$log 2>&1; echo \"[bayesncl] exited with status \$?\" >>$log"
 
 if [[ $DETACH == tmux ]]; then
   # Fails with "duplicate session" while a job of that name still runs.

@@ -66,10 +66,23 @@ REQUIRED = {
 MULTI = ("tpu_recover.sh", "gpu_setup.sh", "gpu_train.sh")
 
 
+# tpu_train.sh forwards these to the workers when set; the test session sets
+# XLA_FLAGS for itself (conftest), which is not what the scripts are given.
+FORWARDED_ENV = ("XLA_FLAGS", "LIBTPU_INIT_ARGS")
+
+
+def clean_env(env=None):
+  env = dict(os.environ if env is None else env)
+  for name in FORWARDED_ENV:
+    env.pop(name, None)
+  return env
+
+
 def sh(script, *args, env=None, check=None):
   """Runs launch/SCRIPT with ARGS; returns the CompletedProcess."""
   proc = subprocess.run(["bash", str(LAUNCH / script), *args],
-                        capture_output=True, text=True, timeout=60, env=env)
+                        capture_output=True, text=True, timeout=60,
+                        env=clean_env() if env is None else env)
   if check is not None:
     assert proc.returncode == check, (proc.returncode, proc.stdout, proc.stderr)
   return proc
@@ -159,7 +172,7 @@ done
   for tool in SANDBOX_TOOLS:
     if shutil.which(tool):
       (tools / tool).symlink_to(shutil.which(tool))
-  env = dict(os.environ, HOME=str(home), FAKE_CALLS=str(calls),
+  env = dict(clean_env(), HOME=str(home), FAKE_CALLS=str(calls),
              PATH=f"{bin_dir}:{tools}")
 
   f = types.SimpleNamespace()
@@ -577,6 +590,30 @@ def test_tpu_train_runs_on_a_worker_with_overrides_intact(fake, detach):
   assert bool(fake.calls("tmux")) == (detach == "tmux")
 
 
+def test_tpu_train_forwards_xla_libtpu_and_named_env(fake):
+  """XLA_FLAGS / LIBTPU_INIT_ARGS set here and every --env name reach the
+  worker's main and evaluate unchanged; a named variable not set is an
+  error, a bad list too."""
+  write_exe(fake.home / "bayesncl_venv/bin/python", fake.record("python", """
+printf '%s|%s|%s|%s\\n' "$XLA_FLAGS" "$LIBTPU_INIT_ARGS" "$MY_A" "${MY_B-unset}"
+"""))
+  (fake.home / "bayesncl_jax").mkdir()
+  env = {**fake.env, "XLA_FLAGS": "--xla_dump_to=/tmp/d --xla_x='a b'",
+         "LIBTPU_INIT_ARGS": "--xla_tpu_enable_x=true", "MY_A": "it's $HOME"}
+  sh("tpu_train.sh", *TRAIN, "--eval", "--env=MY_A,XLA_FLAGS", env=env,
+     check=0)
+  log = fake.home / "bayesncl_logs/bayesncl-t1v-n-test-w-0.log"
+  line = ("--xla_dump_to=/tmp/d --xla_x='a b'|--xla_tpu_enable_x=true|"
+          "it's $HOME|unset\n")
+  assert log.read_text() == 2 * line + "[bayesncl] exited with status 0\n"
+  # Nothing set, nothing named: no export at all.
+  [argv] = dry("tpu_train.sh", *TRAIN)
+  assert "export" not in remote_command(argv)
+  assert "names MY_B, which is not set here" in fails("tpu_train.sh", *TRAIN,
+                                         "--env=MY_B")
+  assert "--env=A;B" in fails("tpu_train.sh", *TRAIN, "--env=A;B")
+
+
 def test_tpu_train_logs_a_failed_run_and_skips_eval(fake):
   write_exe(fake.home / "bayesncl_venv/bin/python", fake.record(
       "python", 'exit "${FAKE_EXIT:-0}"\n'))
@@ -852,7 +889,7 @@ def test_readme_dry_run_examples_are_current():
     command = command.replace("\\\n", " ")  # continuation lines
     assert command.startswith("$ launch/"), block
     proc = subprocess.run(["bash", "-c", command[2:]], cwd=LAUNCH.parent,
-                          env=dict(os.environ, TPU=tpu), capture_output=True,
+                          env=dict(clean_env(), TPU=tpu), capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "+ " + expected, command
