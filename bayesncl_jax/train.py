@@ -39,6 +39,7 @@ from bayesncl_jax import paths
 from bayesncl_jax import preflight
 from bayesncl_jax import run_record
 from bayesncl_jax import sharding
+from bayesncl_jax import throughput
 
 
 @flax.struct.dataclass
@@ -619,13 +620,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   global_batch = config.optim.batch_size
   pending, pending_start = [], start
   last_scalars: dict[str, float] = record.logged_row(start)
+  profiler = throughput.Profiler(config.profile_steps,
+                                 paths.join(workdir, "tensorboard"))
+  peak = throughput.peak_tflops(mesh.devices.flat[0].device_kind,
+                                config.peak_tflops)
+  flops_per_step, input_seconds = None, 0.0
   t_start = t_log = time.time()
   preempted = False
   try:
     with _Preemption(mngr) as preemption:
       for step in range(start, total):
+        t_input = time.time()
         batch = sharding.make_global_batch(next(data_iter), mesh)
+        input_seconds += time.time() - t_input
+        if step == start and peak is not None:
+          # XLA's FLOP count of one device's step (compiled once: the
+          # call below reuses the executable).
+          flops_per_step = throughput.compiled_flops(
+              train_step.lower(state, batch, rng_train).compile())
+        profiler.before_step(step)
         state, metrics = train_step(state, batch, rng_train)
+        profiler.after_step(step, metrics)
         pending.append(metrics)
         done = step + 1
         log_now = done % config.log_every == 0 or done == total
@@ -636,8 +651,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         lambda: _kept_steps(sealer), mngr.directory)
           now = time.time()
           scalars = _mean_metrics(pending)
-          scalars["images_per_sec"] = global_batch * len(pending) / max(
-              now - t_log, 1e-9)
+          interval = max(now - t_log, 1e-9)
+          scalars["images_per_sec"] = global_batch * len(pending) / interval
+          scalars["step_ms"] = 1000 * interval / len(pending)
+          scalars["input_ms"] = 1000 * input_seconds / len(pending)
+          scalars["compute_ms"] = scalars["step_ms"] - scalars["input_ms"]
+          utilisation = throughput.mfu(flops_per_step,
+                                       interval / len(pending), peak)
+          if utilisation is not None:
+            scalars["mfu"] = utilisation
+          input_seconds = 0.0
           scalars["epoch"] = done / setup.steps_per_epoch
           # Metrics up to a checkpoint reach the bucket with it.
           writer.write(done, scalars, durable=ckpt_now or preempted)
@@ -662,6 +685,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     sealer.finish_quietly()
     raise
   finally:
+    profiler.close()
     if bar is not None:
       bar.close()
     writer.close()
