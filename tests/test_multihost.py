@@ -57,7 +57,7 @@ TINY = [
 # Generous for 2 shared CPU cores; a healthy tiny job takes 20-40 s.
 JOB_TIMEOUT_S = 240
 # Metrics that are timings, not results.
-TIMING_KEYS = ("images_per_sec",)
+TIMING_KEYS = ("images_per_sec", "step_ms", "input_ms", "compute_ms", "mfu")
 
 
 # ----------------------------------------------------------------------------
