@@ -15,7 +15,7 @@ usage() {
 Usage: $SCRIPT_NAME --name=NAME --zone=ZONE --config=CONFIG --workdir=gs://BUCKET/DIR
          [--config.FIELD=VALUE ...] [--eval | --eval_only] [--project=PROJECT]
          [--detach=tmux|nohup] [--session=NAME] [--allow_local_workdir]
-         [--env=NAME,NAME...]
+         [--env=NAME,NAME...] [--stage_data=DIR]
          [--repo_dir=$DEFAULT_REPO_DIR] [--venv=$DEFAULT_VENV]
          [--log_dir=$DEFAULT_LOG_DIR] [--dry-run]
 
@@ -36,6 +36,10 @@ Usage: $SCRIPT_NAME --name=NAME --zone=ZONE --config=CONFIG --workdir=gs://BUCKE
   --env                  names of environment variables set here to set on
                          every worker too (XLA_FLAGS and LIBTPU_INIT_ARGS go
                          whenever they are set here)
+  --stage_data           copy the dataset of --config.dataset.data_dir=gs://...
+                         to DIR on every worker's disk first (gcloud storage
+                         rsync: a rerun copies only what is missing) and
+                         train from there
   --repo_dir, --venv     as given to tpu_setup.sh
   --log_dir              per-worker logs (default: $DEFAULT_LOG_DIR)
   --dry-run              print the gcloud command instead of running it
@@ -43,9 +47,9 @@ EOF
 }
 
 NAME="" ZONE="" PROJECT="" CONFIG="" WORKDIR="" EVAL=0 EVAL_ONLY=0
-DETACH="tmux" SESSION="" ALLOW_LOCAL_WORKDIR=0 ENV=""
+DETACH="tmux" SESSION="" ALLOW_LOCAL_WORKDIR=0 ENV="" STAGE_DATA=""
 REPO_DIR=$DEFAULT_REPO_DIR VENV=$DEFAULT_VENV LOG_DIR=$DEFAULT_LOG_DIR
-parse_flags "name zone project config workdir detach session repo_dir venv log_dir env config.*" \
+parse_flags "name zone project config workdir detach session repo_dir venv log_dir env stage_data config.*" \
   "eval eval_only allow_local_workdir" "$@"
 require_flags name zone workdir repo_dir venv log_dir
 if [[ $EVAL_ONLY == 1 ]]; then
@@ -68,6 +72,24 @@ fi
 case $DETACH in tmux | nohup) ;; *) die "--detach=$DETACH: expected tmux or nohup" ;; esac
 [[ -z $ENV || $ENV =~ ^[A-Za-z_][A-Za-z0-9_]*(,[A-Za-z_][A-Za-z0-9_]*)*$ ]] ||
   die "--env=$ENV: expected variable names separated by commas, e.g. --env=TPU_STDERR_LOG_LEVEL,JAX_TRACEBACK_FILTERING"
+# --stage_data: the gs:// data_dir override is replaced by the local copy.
+stage_src="" stage_dst=""
+if [[ -n $STAGE_DATA ]]; then
+  [[ $EVAL_ONLY == 0 ]] || die "--stage_data stages the training data: not with --eval_only"
+  kept=()
+  for override in ${CONFIG_OVERRIDES[@]+"${CONFIG_OVERRIDES[@]}"}; do
+    case $override in
+      --config.dataset.data_dir=*) stage_src=${override#*=} ;;
+      *) kept+=("$override") ;;
+    esac
+  done
+  [[ $stage_src == gs://?* ]] || die "--stage_data=$STAGE_DATA copies the dataset from the bucket: give --config.dataset.data_dir=gs://BUCKET/DIR too"
+  # shellcheck disable=SC2088  # a literal ~/, expanded on the workers.
+  [[ $STAGE_DATA == /* || $STAGE_DATA == '~/'* ]] ||
+    die "--stage_data=$STAGE_DATA: expected an absolute path or ~/DIR on the workers"
+  CONFIG_OVERRIDES=(${kept[@]+"${kept[@]}"})
+  stage_dst=$(remote_path "$STAGE_DATA")
+fi
 require_cmd gcloud
 
 # The environment every worker's job gets: XLA_FLAGS and LIBTPU_INIT_ARGS
@@ -90,6 +112,9 @@ log="$(remote_path "$LOG_DIR")/$SESSION-\"\$(hostname)\".log"
 workdir_flag=$(shq "--workdir=$WORKDIR")
 train="$venv_py -m bayesncl_jax.main $(shq "--config=$CONFIG") $workdir_flag"
 train="$train${CONFIG_OVERRIDES[0]+ $(shq "${CONFIG_OVERRIDES[@]}")}"
+if [[ -n $stage_dst ]]; then
+  train="mkdir -p $stage_dst && gcloud storage rsync --recursive $(shq "$stage_src") $stage_dst && $train --config.dataset.data_dir=$stage_dst"
+fi
 evaluate="$venv_py -m bayesncl_jax.evaluate $workdir_flag"
 if [[ $EVAL_ONLY == 1 ]]; then
   steps=$evaluate

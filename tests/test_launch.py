@@ -614,6 +614,45 @@ printf '%s|%s|%s|%s\\n' "$XLA_FLAGS" "$LIBTPU_INIT_ARGS" "$MY_A" "${MY_B-unset}"
   assert "--env=A;B" in fails("tpu_train.sh", *TRAIN, "--env=A;B")
 
 
+def test_tpu_train_stage_data_copies_then_trains_from_the_copy(fake):
+  """--stage_data: on each worker, gcloud storage rsync from the gs://
+  data_dir into DIR, then main (and evaluate) with the local data_dir; a
+  failed copy starts no training."""
+  write_exe(fake.home / "bayesncl_venv/bin/python", fake.record("python"))
+  (fake.home / "bayesncl_jax").mkdir()
+  src = "--config.dataset.data_dir=gs://bucket/data/in100"
+  sh("tpu_train.sh", *TRAIN, src, *TRICKY[:2], "--eval",
+     "--stage_data=~/bayesncl_data", env=fake.env, check=0)
+  rsync = [c["argv"] for c in fake.calls("gcloud")
+           if c["argv"][:2] == ["storage", "rsync"]]
+  assert rsync == [["storage", "rsync", "--recursive", "gs://bucket/data/in100",
+                    f"{fake.home}/bayesncl_data"]]
+  assert (fake.home / "bayesncl_data").is_dir()
+  main, evaluate = fake.calls("python")
+  assert main["argv"][3:] == [
+      "--config=configs/cifar10.py:method=ncl",
+      "--workdir=gs://bucket/runs/ncl", *TRICKY[:2],
+      f"--config.dataset.data_dir={fake.home}/bayesncl_data"]
+  assert evaluate["argv"][2] == "bayesncl_jax.evaluate"
+  # A failed copy: no training, the status in the log.
+  (fake.tmp / "calls.log").unlink()
+  write_exe(fake.bin / "gcloud", fake.record("gcloud", """
+case "$1" in storage) exit 7 ;; esac
+for a in "$@"; do
+  case $a in --command=*) exec sh -c "${a#--command=}" ;; esac
+done
+"""))
+  sh("tpu_train.sh", *TRAIN, src, f"--stage_data={fake.tmp}/staged",
+     env=fake.env, check=0)
+  assert fake.calls("python") == []
+  log = fake.home / "bayesncl_logs/bayesncl-t1v-n-test-w-0.log"
+  assert log.read_text().endswith("[bayesncl] exited with status 7\n")
+  assert "--config.dataset.data_dir=gs://" in fails(
+      "tpu_train.sh", *TRAIN, "--stage_data=/data")
+  assert "absolute path" in fails("tpu_train.sh", *TRAIN, src,
+                                  "--stage_data=data")
+
+
 def test_tpu_train_logs_a_failed_run_and_skips_eval(fake):
   write_exe(fake.home / "bayesncl_venv/bin/python", fake.record(
       "python", 'exit "${FAKE_EXIT:-0}"\n'))
