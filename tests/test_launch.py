@@ -790,6 +790,64 @@ done
   assert "started bayesncl" in proc.stdout
 
 
+@pytest.mark.parametrize("states, verbs, code", [
+    # Still starting: wait, then it is READY: nothing deleted.
+    (["CREATING", "STARTING", "READY"], ["describe"] * 3, 0),
+    # Repairing, then preempted: delete and create.
+    (["REPAIRING", "PREEMPTED"], ["describe"] * 2 + ["delete", "create"], 0),
+    # Gone: create again.
+    (["NOT_FOUND"], ["describe", "delete", "create"], 0),
+    # The query fails (permissions, network): stop, delete nothing.
+    (["ERROR"], ["describe"], 2),
+])
+def test_tpu_recover_waits_on_transitions_and_never_deletes_blindly(
+    fake, states, verbs, code):
+  _setup_fakes(fake)
+  answers = fake.tmp / "states"
+  answers.write_text("\n".join(states) + "\n")
+  write_exe(fake.bin / "gcloud", fake.record("gcloud", f"""
+case "$*" in *"tpu-vm describe"*)
+  state=$(head -n 1 "{answers}"); sed -i 1d "{answers}"
+  [ -s "{answers}" ] || echo "$state" > "{answers}"
+  case $state in
+    NOT_FOUND) echo "ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource not found" >&2; exit 1 ;;
+    ERROR) echo "ERROR: (gcloud) PERMISSION_DENIED: no" >&2; exit 1 ;;
+  esac
+  echo "$state"; exit 0 ;;
+esac
+for a in "$@"; do
+  case $a in --command=*) exec sh -c "${{a#--command=}}" ;; esac
+done
+"""))
+  write_exe(fake.bin / "tmux", fake.record("tmux"))
+  args = [*VALID["tpu_recover.sh"], "--preemptible", "--poll=1",
+          "--python=python3", "--env=MY_A", "--stage_data=/data"]
+  proc = sh("tpu_recover.sh", *args, "--config.dataset.data_dir=gs://b/d",
+            env={**fake.env, "MY_A": "1"})
+  assert proc.returncode == code, proc.stderr
+  calls = fake.calls("gcloud")
+  tpu_verbs = [c["argv"][3] for c in calls if c["argv"][2] == "tpu-vm"
+               and c["argv"][3] != "ssh"]
+  assert tpu_verbs == verbs, proc.stderr
+  if code:
+    assert "could not query pod (nothing deleted): ERROR: (gcloud) " \
+        "PERMISSION_DENIED" in proc.stderr
+    return
+  create = [c["argv"] for c in calls
+            if c["argv"][2:4] == ["tpu-vm", "create"]]
+  assert all(argv[-1] == "--preemptible" for argv in create)
+  ssh = [c["argv"] for c in calls if c["argv"][2:4] == ["tpu-vm", "ssh"]]
+  setup, train_cmd = (remote_command(["gcloud", *argv])
+                      for argv in (ssh[0], ssh[-1]))
+  assert "PY=python3;" in setup
+  assert "export MY_A=1" in train_cmd and "rsync" in train_cmd
+
+
+def test_tpu_recover_rejects_spot_with_preemptible():
+  assert "exclusive" in fails("tpu_recover.sh", *VALID["tpu_recover.sh"],
+                              "--spot", "--preemptible")
+
+
 # ------------------------------------------------- dry run == real run ----
 
 @pytest.mark.parametrize("script", [s for s in ENTRY_POINTS if s not in MULTI])
