@@ -4,7 +4,8 @@
 # Each worker runs the same `python -m bayesncl_jax.main` command; on a pod
 # slice JAX finds the other workers itself (jax.distributed.initialize()). The
 # job runs detached (tmux session, or nohup), so it survives the ssh session,
-# and writes LOG_DIR/SESSION-<worker hostname>.log on each worker, ending with
+# and writes LOG_DIR/SESSION-<worker hostname>.log on each worker (copied to
+# WORKDIR/logs/ for a gs:// workdir), ending with
 # the line "[bayesncl] exited with status N".
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
@@ -126,6 +127,13 @@ fi
 # \$? and \$(hostname) are left for the worker's shell to expand.
 exports=${forwarded[0]+"export $(shq "${forwarded[@]}") && "}
 job="cd $(remote_path "$REPO_DIR") && $exports{ $steps; } >>$log 2>&1; echo \"[bayesncl] exited with status \$?\" >>$log"
+# A gs:// workdir also gets each worker's log, as WORKDIR/logs/SESSION-HOST.log:
+# copied every minute while the job runs (a preempted worker's disk is
+# lost with it) and once more when it ends.
+if [[ $WORKDIR == gs://* ]]; then
+  log_copy="gcloud storage cp $log $(shq "${WORKDIR%/}/logs/$SESSION-")\"\$(hostname)\".log >/dev/null 2>&1"
+  job="(while sleep 60; do $log_copy; done) </dev/null >/dev/null 2>&1 & $job; kill \$! 2>/dev/null; $log_copy || :"
+fi
 
 if [[ $DETACH == tmux ]]; then
   # Fails with "duplicate session" while a job of that name still runs.

@@ -517,7 +517,9 @@ def test_tpu_train_command_passes_config_workdir_overrides():
   cmd = remote_command(argv)
   assert cmd.startswith('mkdir -p "$HOME"/bayesncl_logs && tmux new-session')
   job = _job(cmd)
-  assert job.startswith('cd "$HOME"/bayesncl_jax && {')
+  # The log copier (gs:// workdir) starts first, then the job itself.
+  assert job.startswith("(while sleep 60; do gcloud storage cp ")
+  assert ' & cd "$HOME"/bayesncl_jax && {' in job
   steps = job[job.index("{ ") + 2:job.index("; }")]
   assert shlex.split(steps) == [
       "$HOME/bayesncl_venv/bin/python", "-u", "-m", "bayesncl_jax.main",
@@ -651,6 +653,27 @@ done
       "tpu_train.sh", *TRAIN, "--stage_data=/data")
   assert "absolute path" in fails("tpu_train.sh", *TRAIN, src,
                                   "--stage_data=data")
+
+
+def test_tpu_train_copies_each_worker_log_to_the_workdir(fake):
+  """The worker's log reaches WORKDIR/logs/ when the job ends (and every
+  minute while it runs); a local workdir gets no copy."""
+  write_exe(fake.home / "bayesncl_venv/bin/python", fake.record(
+      "python", 'echo "fake python ran"\n'))
+  (fake.home / "bayesncl_jax").mkdir()
+  sh("tpu_train.sh", *TRAIN, env=fake.env, check=0)
+  log = fake.home / "bayesncl_logs/bayesncl-t1v-n-test-w-0.log"
+  copies = [c["argv"] for c in fake.calls("gcloud")
+            if c["argv"][:2] == ["storage", "cp"]]
+  assert copies == [["storage", "cp", str(log), "gs://bucket/runs/ncl/logs/"
+                     "bayesncl-t1v-n-test-w-0.log"]]
+  assert log.read_text() == ("fake python ran\n"
+                             "[bayesncl] exited with status 0\n")
+  (fake.tmp / "calls.log").unlink()
+  local = [a for a in TRAIN if not a.startswith("--workdir")]
+  sh("tpu_train.sh", *local, "--workdir=/tmp/run", "--allow_local_workdir",
+     env=fake.env, check=0)
+  assert not [c for c in fake.calls("gcloud") if c["argv"][0] == "storage"]
 
 
 def test_tpu_train_logs_a_failed_run_and_skips_eval(fake):
