@@ -135,6 +135,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.ckpt_every = 1000
   c.keep_ckpts = 3
   c.progress_bar = True
+  # "START:END": a jax.profiler trace of steps START..END-1 into
+  # <workdir>/tensorboard (TensorBoard's profile plugin); "" = none.
+  c.profile_steps = ""
+  # Per-device peak TFLOP/s for the logged MFU; 0 = the table in
+  # bayesncl_jax/throughput.py (TPU v4/v5e/v5p/v6e, A100/H100/H200).
+  c.peak_tflops = 0.0
 
   # Offline evaluation (`bayesncl_jax.evaluate`; its flags override these).
   # Defaults: the project's fast probe (the Fashion-MNIST demo); the CIFAR
@@ -328,6 +334,25 @@ def _choice(config, path: str, allowed):
         f"--config.{path}=...")
 
 
+def parse_profile_steps(spec: str) -> tuple[int, int] | None:
+  """"START:END" -> (START, END) with 0 <= START < END; "" -> None."""
+  if not spec:
+    return None
+  start, sep, end = str(spec).partition(":")
+  try:
+    if not sep:
+      raise ValueError(spec)
+    start_i, end_i = int(start), int(end)
+  except ValueError:
+    raise ConfigError(
+        f"config.profile_steps={spec!r} must be START:END, two step numbers "
+        "(e.g. --config.profile_steps=10:15 traces steps 10 to 14)") from None
+  if not 0 <= start_i < end_i:
+    raise ConfigError(f"config.profile_steps={spec!r}: expected 0 <= START < "
+                     "END (e.g. --config.profile_steps=10:15)")
+  return start_i, end_i
+
+
 def _positive(config, path: str, strict: bool = True):
   value = config
   for part in path.split("."):
@@ -376,6 +401,8 @@ def validate(config, num_devices: int | None = None) -> None:
         "method='ncl_topk'. Fix it with --config.model.top_k=K or the config "
         "argument top_k=K.")
   _choice(config, "aug.crop_on", CROP_ON)
+  parse_profile_steps(config.get("profile_steps", ""))
+  _positive(config, "peak_tflops", strict=False)
   _positive(config, "aug.canvas_size", strict=False)
   for path in ("gate.temperature", "loss.temperature", "optim.batch_size",
                "model.width", "model.proj_hidden",

@@ -37,6 +37,7 @@ from typing import Any, Iterable
 from absl import logging
 from etils import epath
 import jax
+import numpy as np
 
 MANIFEST_SUFFIX = ".manifest.json"
 QUARANTINE_DIR = "corrupt_checkpoints"
@@ -311,15 +312,18 @@ def restore_newest_intact(mngr, workdir, restore_fn):
   """
   ckpt_dir = epath.Path(mngr.directory)
   bad: list[tuple[int, str]] = []
-  for step in sorted(mngr.all_steps(), reverse=True):
-    status, detail = verify(ckpt_dir, step)
+  # On several processes, process 0's listing and verdicts decide; every
+  # host checks the step it is about to restore (`_HostConsensus`).
+  consensus = _HostConsensus(ckpt_dir, mngr.all_steps())
+  for step in consensus.steps:
+    status, detail = consensus.agree_status(step, verify(ckpt_dir, step))
     if status == "corrupt":
       logging.warning("Checkpoint %d in %s is corrupt: %s", step, ckpt_dir,
                       detail)
       bad.append((step, f"corrupt: {detail}"))
       continue
     try:
-      result = restore_fn(step)
+      result = consensus.agree_restored(step, restore_fn)
     except CheckpointError as e:
       if status == "intact":
         raise CheckpointError(
@@ -365,3 +369,130 @@ def _cause(e: BaseException) -> str:
   cause = e.__cause__ or e
   text = f"{type(cause).__name__}: {cause}"
   return text if len(text) < 600 else text[:600] + " ..."
+
+
+# ----------------------------------------------------------------------------
+# Several hosts: one decision, checked by every host.
+# ----------------------------------------------------------------------------
+_STATUS_CODES = {"intact": 0, "unsealed": 1, "corrupt": 2, "missing": 3}
+
+
+def _broadcast_ints(values: list[int]) -> list[int]:
+  """Process 0's list of ints, on every process."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  n = int(multihost_utils.broadcast_one_to_all(np.int32(len(values))))
+  padded = np.full((max(n, 1),), -1, np.int32)
+  mine = np.asarray(values[:n], np.int32)
+  padded[:len(mine)] = mine
+  return [int(v) for v in np.asarray(
+      multihost_utils.broadcast_one_to_all(padded))[:n]]
+
+
+def _allgather_ints(values: list[int]) -> np.ndarray:
+  """(process_count, len(values)): every process's `values`."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(
+      np.asarray(values, np.int32)))
+
+
+def agreed_latest_step(mngr) -> int | None:
+  """`mngr.latest_step()` of process 0, on every process.
+
+  Process 0 decides whether the run resumes at all; a host that sees
+  checkpoints where process 0 sees none stops the run (HostsDisagreeError),
+  instead of starting fresh over them while the others start fresh too.
+  """
+  latest = mngr.latest_step()
+  if jax.process_count() == 1:
+    return latest
+  newest = [-1 if latest is None else int(latest)]
+  views = _allgather_ints(newest)[:, 0]
+  if views[0] < 0 and (views >= 0).any():
+    raise HostsDisagreeError(_disagreement(
+        epath.Path(mngr.directory), None,
+        {i: (int(v), None) for i, v in enumerate(views)}))
+  return None if views[0] < 0 else int(views[0])
+
+
+class HostsDisagreeError(CheckpointError):
+  """The processes of a multi-host run see different checkpoints."""
+
+
+def _disagreement(ckpt_dir, step: int | None,
+                  views: dict[int, tuple[int, str | None]]) -> str:
+  """The one message: per process, its newest step and its view of `step`."""
+  lines = []
+  for i, (newest, seen) in sorted(views.items()):
+    line = (f"  process {i}: newest checkpoint "
+            + (f"step {newest}" if newest >= 0 else "none"))
+    if seen is not None:
+      line += f"; step {step} is {seen} there"
+    lines.append(line)
+  chose = (f"process 0 chose step {step}" if step is not None else
+           "process 0 sees no checkpoint (it would start from step 0)")
+  return (f"The hosts disagree on the checkpoint to restore from {ckpt_dir}: "
+          f"{chose}, but\n" + "\n".join(lines) + "\nNothing was restored or "
+          "changed. Every host must see the same workdir: a gs:// path or a "
+          "file system shared by all hosts, not each host's own disk. If it "
+          "is shared, a save was cut off or a listing lagged: re-run the "
+          "same command once every host's job has stopped.")
+
+
+class _HostConsensus:
+  """The restore walk's decisions, made once for all processes.
+
+  One process: every method is a pass-through. Several: the steps tried
+  and their verdicts are process 0's; each host then verifies the step
+  process 0 picked (its folder there, its checksums) and the restore's
+  outcome is compared across hosts. A host that cannot use the step
+  process 0 chose stops every host with one HostsDisagreeError naming
+  each process, its newest step and what it sees of that step.
+  """
+
+  def __init__(self, ckpt_dir, steps):
+    self.ckpt_dir = epath.Path(ckpt_dir)
+    mine = sorted((int(s) for s in steps), reverse=True)
+    self.multi = jax.process_count() > 1
+    self.newest_here = mine[0] if mine else -1
+    self.mine = set(mine)
+    self.steps = _broadcast_ints(mine) if self.multi else mine
+
+  def agree_status(self, step: int, verdict: tuple[str, str]
+                   ) -> tuple[str, str]:
+    """Process 0's verdict on `step`, once every host has checked it."""
+    if not self.multi:
+      return verdict
+    status, detail = verdict
+    if step not in self.mine:
+      status, detail = "missing", f"{step_dir(self.ckpt_dir, step)} is absent"
+    code = _STATUS_CODES[status]
+    views = _allgather_ints([self.newest_here, code])
+    if views[0, 1] == _STATUS_CODES["corrupt"]:
+      return "corrupt", detail if jax.process_index() == 0 else (
+          "corrupt on process 0")
+    if (views[:, 1] >= _STATUS_CODES["corrupt"]).any():
+      names = {v: k for k, v in _STATUS_CODES.items()}
+      raise HostsDisagreeError(_disagreement(self.ckpt_dir, step, {
+          i: (int(newest), names[int(c)]) for i, (newest, c)
+          in enumerate(views)}))
+    return ("intact" if views[0, 1] == 0 else "unsealed"), detail
+
+  def agree_restored(self, step: int, restore_fn):
+    """restore_fn(step) on every host; a failure on some hosts only stops
+    all of them; a failure on every host is re-raised (CheckpointError)."""
+    if not self.multi:
+      return restore_fn(step)
+    result, error = None, None
+    try:
+      result = restore_fn(step)
+    except CheckpointError as e:
+      error = e
+    views = _allgather_ints([self.newest_here, int(error is not None)])
+    failed = views[:, 1].astype(bool)
+    if failed.all():
+      raise error
+    if failed.any():
+      raise HostsDisagreeError(_disagreement(self.ckpt_dir, step, {
+          i: (int(newest), "not restorable" if bad else "restored")
+          for i, (newest, bad) in enumerate(views)})) from error
+    return result

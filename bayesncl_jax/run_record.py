@@ -39,6 +39,7 @@ from bayesncl_jax import config_lib
 # is read from (the same dataset; a moved copy must hold the same files).
 HARMLESS_FIELDS = frozenset({
     "log_every", "ckpt_every", "keep_ckpts", "progress_bar",
+    "profile_steps", "peak_tflops",
     "dataset.num_workers", "dataset.prefetch_buffer", "dataset.data_dir",
 })
 

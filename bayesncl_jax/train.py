@@ -39,6 +39,7 @@ from bayesncl_jax import paths
 from bayesncl_jax import preflight
 from bayesncl_jax import run_record
 from bayesncl_jax import sharding
+from bayesncl_jax import throughput
 
 
 @flax.struct.dataclass
@@ -442,15 +443,20 @@ def make_eval_step(setup: Setup):
                  out_shardings=rep)
 
 
+def online_eval_iterator(config, num_devices: int, batch_size: int):
+  """The test split in global batches of `batch_size`, rounded down to a
+  multiple of the `num_devices` devices of the mesh (at least one row each).
+  Each process reads batch_size / process_count of every batch."""
+  batch_size = max(num_devices, batch_size // num_devices * num_devices)
+  return input_pipeline.create_eval_iterator(
+      config, config.dataset.eval_split, batch_size)
+
+
 def online_eval(setup: Setup, state: TrainState, batch_size: int = 512
                 ) -> dict[str, float]:
   """Test-split online linear accuracy, feature sparsity, gate open rate."""
-  config = setup.config
-  batch_size = max(setup.mesh.size,
-                   batch_size // setup.mesh.size * setup.mesh.size)
   step = make_eval_step(setup)
-  it = input_pipeline.create_eval_iterator(
-      config, config.dataset.eval_split, batch_size // jax.process_count())
+  it = online_eval_iterator(setup.config, setup.mesh.size, batch_size)
   totals = None
   for batch in it:
     res = step(state.params, state.batch_stats,
@@ -475,8 +481,17 @@ def online_eval(setup: Setup, state: TrainState, batch_size: int = 512
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143
 
 
+# Signals that mean "the machine is going away": SIGTERM (a scheduler, a
+# supervisor, systemd stopping everything at a Spot preemption's or a
+# maintenance event's ACPI shutdown) and SIGHUP (the terminal or the tmux
+# server holding the run goes, which it does when systemd stops it at
+# shutdown). Both save and exit with PREEMPTED_EXIT_CODE.
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 class _Preemption:
-  """A preemption notice (SIGTERM), as a step at which to save and stop.
+  """A preemption notice (SIGTERM or SIGHUP), as a step at which to save
+  and stop.
 
   One process: a Python SIGTERM handler sets a flag the loop checks after
   every step. Several processes (a pod): a host that gets SIGTERM must not
@@ -485,29 +500,39 @@ class _Preemption:
   `jax.distributed.initialize`, it catches SIGTERM itself) tells every
   process the same step, the one after the furthest any of them has reached,
   through `reached_preemption_sync_point`, which Orbax's
-  `CheckpointManager.reached_preemption` calls; no Python handler is
-  installed then, since it would replace the service's.
+  `CheckpointManager.reached_preemption` calls; no Python SIGTERM handler
+  is installed then, since it would replace the service's. SIGHUP, which
+  the service does not watch, is turned into a SIGTERM to this process, so
+  that it reaches the service (or, on one process, the same handler).
   """
 
   def __init__(self, mngr):
     self._mngr = mngr
     self._multi = jax.process_count() > 1
     self.requested = False
-    self._previous = None
+    self._previous = {}
 
   def __enter__(self):
-    if self._multi:
-      return self
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: preemption handling is off.
-      self._previous = None
+    handlers = {signal.SIGHUP: self._hangup}
+    if not self._multi:
+      handlers[signal.SIGTERM] = self._handle
+    for signum, handler in handlers.items():
+      try:
+        self._previous[signum] = signal.signal(signum, handler)
+      except ValueError:  # not the main thread: preemption handling is off.
+        pass
     return self
 
   def _handle(self, signum, frame):
     del signum, frame
     logging.warning("SIGTERM received: saving a checkpoint and exiting.")
     self.requested = True
+
+  def _hangup(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGHUP received (the terminal or tmux session is "
+                    "going away): handled as SIGTERM.")
+    os.kill(os.getpid(), signal.SIGTERM)
 
   def reached(self, step: int) -> bool:
     """Whether to save and stop after `step`; call it after every step."""
@@ -521,8 +546,8 @@ class _Preemption:
     return self.requested
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 def _progress(total, initial, enabled):
@@ -575,7 +600,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   rng_init, rng_train = jax.random.split(rng)
 
   fallback, prior_seconds = [], 0.0
-  if mngr.latest_step() is not None:
+  if integrity.agreed_latest_step(mngr) is not None:
     state, restored_step, fallback = integrity.restore_newest_intact(
         mngr, workdir, lambda s: restore_checkpoint(mngr, setup, data_iter,
                                                     step=s, verify=False))
@@ -595,13 +620,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   global_batch = config.optim.batch_size
   pending, pending_start = [], start
   last_scalars: dict[str, float] = record.logged_row(start)
+  profiler = throughput.Profiler(config.profile_steps,
+                                 paths.join(workdir, "tensorboard"))
+  peak = throughput.peak_tflops(mesh.devices.flat[0].device_kind,
+                                config.peak_tflops)
+  flops_per_step, input_seconds = None, 0.0
   t_start = t_log = time.time()
   preempted = False
   try:
     with _Preemption(mngr) as preemption:
       for step in range(start, total):
+        t_input = time.time()
         batch = sharding.make_global_batch(next(data_iter), mesh)
+        input_seconds += time.time() - t_input
+        if step == start and peak is not None:
+          # XLA's FLOP count of one device's step (compiled once: the
+          # call below reuses the executable).
+          flops_per_step = throughput.compiled_flops(
+              train_step.lower(state, batch, rng_train).compile())
+        profiler.before_step(step)
         state, metrics = train_step(state, batch, rng_train)
+        profiler.after_step(step, metrics)
         pending.append(metrics)
         done = step + 1
         log_now = done % config.log_every == 0 or done == total
@@ -612,8 +651,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         lambda: _kept_steps(sealer), mngr.directory)
           now = time.time()
           scalars = _mean_metrics(pending)
-          scalars["images_per_sec"] = global_batch * len(pending) / max(
-              now - t_log, 1e-9)
+          interval = max(now - t_log, 1e-9)
+          scalars["images_per_sec"] = global_batch * len(pending) / interval
+          scalars["step_ms"] = 1000 * interval / len(pending)
+          scalars["input_ms"] = 1000 * input_seconds / len(pending)
+          scalars["compute_ms"] = scalars["step_ms"] - scalars["input_ms"]
+          utilisation = throughput.mfu(flops_per_step,
+                                       interval / len(pending), peak)
+          if utilisation is not None:
+            scalars["mfu"] = utilisation
+          input_seconds = 0.0
           scalars["epoch"] = done / setup.steps_per_epoch
           # Metrics up to a checkpoint reach the bucket with it.
           writer.write(done, scalars, durable=ckpt_now or preempted)
@@ -638,6 +685,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     sealer.finish_quietly()
     raise
   finally:
+    profiler.close()
     if bar is not None:
       bar.close()
     writer.close()

@@ -76,6 +76,40 @@ run() {
   "$@"
 }
 
+# run_exec CMD ARG...: `run`, but CMD replaces this shell (same pid), so that
+# a signal sent to the script reaches CMD. Under --dry-run only prints.
+run_exec() {
+  if [[ $DRY_RUN == 1 ]]; then
+    printf '+ %s\n' "$(shq "$@")"
+    return 0
+  fi
+  printf '+ %s\n' "$(shq "$@")" >&2
+  exec "$@"
+}
+
+# run_forwarding CMD ARG...: `run`, with CMD as a child that receives SIGTERM
+# whenever this shell gets SIGTERM, SIGHUP or SIGINT; returns CMD's status
+# once CMD has exited (a signal interrupts `wait`, so wait again). A
+# background child of a non-interactive shell ignores SIGINT, hence TERM.
+run_forwarding() {
+  if [[ $DRY_RUN == 1 ]]; then
+    printf '+ %s\n' "$(shq "$@")"
+    return 0
+  fi
+  printf '+ %s\n' "$(shq "$@")" >&2
+  local status interrupted
+  "$@" &
+  FORWARD_PID=$!
+  trap 'interrupted=1; kill -TERM "$FORWARD_PID" 2>/dev/null || :' TERM HUP INT
+  while :; do
+    interrupted=0 status=0
+    wait "$FORWARD_PID" || status=$?
+    [[ $interrupted == 1 ]] || break
+  done
+  trap - TERM HUP INT
+  return "$status"
+}
+
 # upper NAME: NAME in upper case (bash 3.2 has no ${x^^}).
 upper() {
   printf '%s' "$1" | tr '[:lower:]' '[:upper:]'

@@ -84,11 +84,26 @@ env=(env "XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION"
 [[ -z $GPUS ]] || env+=("CUDA_VISIBLE_DEVICES=$GPUS")
 [[ -z $NCCL_SOCKET_IFNAME ]] || env+=("NCCL_SOCKET_IFNAME=$NCCL_SOCKET_IFNAME")
 
+# Signals: a supervisor, a scheduler or a user may signal this wrapper's pid
+# only. The last command is exec'd (Python takes this pid and gets every
+# signal itself); a command followed by another (training before --eval)
+# runs as a child that gets SIGTERM for any SIGTERM, SIGHUP or SIGINT sent
+# here, and is waited for: it saves its checkpoint and exits 143, and so
+# does this script, without evaluating. No Python process is left behind.
+main_cmd=() eval_cmd=()
 if [[ $EVAL_ONLY == 0 ]]; then
-  run "${env[@]}" "$PYTHON" -m bayesncl_jax.main "--config=$CONFIG" \
-    "--workdir=$WORKDIR" ${distributed[@]+"${distributed[@]}"} \
-    ${CONFIG_OVERRIDES[@]+"${CONFIG_OVERRIDES[@]}"}
+  main_cmd=("${env[@]}" "$PYTHON" -m bayesncl_jax.main "--config=$CONFIG"
+    "--workdir=$WORKDIR" ${distributed[@]+"${distributed[@]}"}
+    ${CONFIG_OVERRIDES[@]+"${CONFIG_OVERRIDES[@]}"})
 fi
 if [[ ($EVAL == 1 || $EVAL_ONLY == 1) && ${PROCESS_ID:-0} == 0 ]]; then
-  run "${env[@]}" "$PYTHON" -m bayesncl_jax.evaluate "--workdir=$WORKDIR"
+  eval_cmd=("${env[@]}" "$PYTHON" -m bayesncl_jax.evaluate "--workdir=$WORKDIR")
+fi
+if [[ ${#main_cmd[@]} != 0 && ${#eval_cmd[@]} != 0 ]]; then
+  run_forwarding "${main_cmd[@]}"
+  run_exec "${eval_cmd[@]}"
+elif [[ ${#main_cmd[@]} != 0 ]]; then
+  run_exec "${main_cmd[@]}"
+elif [[ ${#eval_cmd[@]} != 0 ]]; then
+  run_exec "${eval_cmd[@]}"
 fi

@@ -10,10 +10,12 @@ pkill or TPU is touched.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 import types
@@ -64,10 +66,23 @@ REQUIRED = {
 MULTI = ("tpu_recover.sh", "gpu_setup.sh", "gpu_train.sh")
 
 
+# tpu_train.sh forwards these to the workers when set; the test session sets
+# XLA_FLAGS for itself (conftest), which is not what the scripts are given.
+FORWARDED_ENV = ("XLA_FLAGS", "LIBTPU_INIT_ARGS")
+
+
+def clean_env(env=None):
+  env = dict(os.environ if env is None else env)
+  for name in FORWARDED_ENV:
+    env.pop(name, None)
+  return env
+
+
 def sh(script, *args, env=None, check=None):
   """Runs launch/SCRIPT with ARGS; returns the CompletedProcess."""
   proc = subprocess.run(["bash", str(LAUNCH / script), *args],
-                        capture_output=True, text=True, timeout=60, env=env)
+                        capture_output=True, text=True, timeout=60,
+                        env=clean_env() if env is None else env)
   if check is not None:
     assert proc.returncode == check, (proc.returncode, proc.stdout, proc.stderr)
   return proc
@@ -157,7 +172,7 @@ done
   for tool in SANDBOX_TOOLS:
     if shutil.which(tool):
       (tools / tool).symlink_to(shutil.which(tool))
-  env = dict(os.environ, HOME=str(home), FAKE_CALLS=str(calls),
+  env = dict(clean_env(), HOME=str(home), FAKE_CALLS=str(calls),
              PATH=f"{bin_dir}:{tools}")
 
   f = types.SimpleNamespace()
@@ -502,7 +517,9 @@ def test_tpu_train_command_passes_config_workdir_overrides():
   cmd = remote_command(argv)
   assert cmd.startswith('mkdir -p "$HOME"/bayesncl_logs && tmux new-session')
   job = _job(cmd)
-  assert job.startswith('cd "$HOME"/bayesncl_jax && {')
+  # The log copier (gs:// workdir) starts first, then the job itself.
+  assert job.startswith("(while sleep 60; do gcloud storage cp ")
+  assert ' & cd "$HOME"/bayesncl_jax && {' in job
   steps = job[job.index("{ ") + 2:job.index("; }")]
   assert shlex.split(steps) == [
       "$HOME/bayesncl_venv/bin/python", "-u", "-m", "bayesncl_jax.main",
@@ -573,6 +590,90 @@ def test_tpu_train_runs_on_a_worker_with_overrides_intact(fake, detach):
   assert evaluate["argv"] == ["-u", "-m", "bayesncl_jax.evaluate",
                               "--workdir=gs://bucket/runs/ncl"]
   assert bool(fake.calls("tmux")) == (detach == "tmux")
+
+
+def test_tpu_train_forwards_xla_libtpu_and_named_env(fake):
+  """XLA_FLAGS / LIBTPU_INIT_ARGS set here and every --env name reach the
+  worker's main and evaluate unchanged; a named variable not set is an
+  error, a bad list too."""
+  write_exe(fake.home / "bayesncl_venv/bin/python", fake.record("python", """
+printf '%s|%s|%s|%s\\n' "$XLA_FLAGS" "$LIBTPU_INIT_ARGS" "$MY_A" "${MY_B-unset}"
+"""))
+  (fake.home / "bayesncl_jax").mkdir()
+  env = {**fake.env, "XLA_FLAGS": "--xla_dump_to=/tmp/d --xla_x='a b'",
+         "LIBTPU_INIT_ARGS": "--xla_tpu_enable_x=true", "MY_A": "it's $HOME"}
+  sh("tpu_train.sh", *TRAIN, "--eval", "--env=MY_A,XLA_FLAGS", env=env,
+     check=0)
+  log = fake.home / "bayesncl_logs/bayesncl-t1v-n-test-w-0.log"
+  line = ("--xla_dump_to=/tmp/d --xla_x='a b'|--xla_tpu_enable_x=true|"
+          "it's $HOME|unset\n")
+  assert log.read_text() == 2 * line + "[bayesncl] exited with status 0\n"
+  # Nothing set, nothing named: no export at all.
+  [argv] = dry("tpu_train.sh", *TRAIN)
+  assert "export" not in remote_command(argv)
+  assert "names MY_B, which is not set here" in fails("tpu_train.sh", *TRAIN,
+                                         "--env=MY_B")
+  assert "--env=A;B" in fails("tpu_train.sh", *TRAIN, "--env=A;B")
+
+
+def test_tpu_train_stage_data_copies_then_trains_from_the_copy(fake):
+  """--stage_data: on each worker, gcloud storage rsync from the gs://
+  data_dir into DIR, then main (and evaluate) with the local data_dir; a
+  failed copy starts no training."""
+  write_exe(fake.home / "bayesncl_venv/bin/python", fake.record("python"))
+  (fake.home / "bayesncl_jax").mkdir()
+  src = "--config.dataset.data_dir=gs://bucket/data/in100"
+  sh("tpu_train.sh", *TRAIN, src, *TRICKY[:2], "--eval",
+     "--stage_data=~/bayesncl_data", env=fake.env, check=0)
+  rsync = [c["argv"] for c in fake.calls("gcloud")
+           if c["argv"][:2] == ["storage", "rsync"]]
+  assert rsync == [["storage", "rsync", "--recursive", "gs://bucket/data/in100",
+                    f"{fake.home}/bayesncl_data"]]
+  assert (fake.home / "bayesncl_data").is_dir()
+  main, evaluate = fake.calls("python")
+  assert main["argv"][3:] == [
+      "--config=configs/cifar10.py:method=ncl",
+      "--workdir=gs://bucket/runs/ncl", *TRICKY[:2],
+      f"--config.dataset.data_dir={fake.home}/bayesncl_data"]
+  assert evaluate["argv"][2] == "bayesncl_jax.evaluate"
+  # A failed copy: no training, the status in the log.
+  (fake.tmp / "calls.log").unlink()
+  write_exe(fake.bin / "gcloud", fake.record("gcloud", """
+case "$1" in storage) exit 7 ;; esac
+for a in "$@"; do
+  case $a in --command=*) exec sh -c "${a#--command=}" ;; esac
+done
+"""))
+  sh("tpu_train.sh", *TRAIN, src, f"--stage_data={fake.tmp}/staged",
+     env=fake.env, check=0)
+  assert fake.calls("python") == []
+  log = fake.home / "bayesncl_logs/bayesncl-t1v-n-test-w-0.log"
+  assert log.read_text().endswith("[bayesncl] exited with status 7\n")
+  assert "--config.dataset.data_dir=gs://" in fails(
+      "tpu_train.sh", *TRAIN, "--stage_data=/data")
+  assert "absolute path" in fails("tpu_train.sh", *TRAIN, src,
+                                  "--stage_data=data")
+
+
+def test_tpu_train_copies_each_worker_log_to_the_workdir(fake):
+  """The worker's log reaches WORKDIR/logs/ when the job ends (and every
+  minute while it runs); a local workdir gets no copy."""
+  write_exe(fake.home / "bayesncl_venv/bin/python", fake.record(
+      "python", 'echo "fake python ran"\n'))
+  (fake.home / "bayesncl_jax").mkdir()
+  sh("tpu_train.sh", *TRAIN, env=fake.env, check=0)
+  log = fake.home / "bayesncl_logs/bayesncl-t1v-n-test-w-0.log"
+  copies = [c["argv"] for c in fake.calls("gcloud")
+            if c["argv"][:2] == ["storage", "cp"]]
+  assert copies == [["storage", "cp", str(log), "gs://bucket/runs/ncl/logs/"
+                     "bayesncl-t1v-n-test-w-0.log"]]
+  assert log.read_text() == ("fake python ran\n"
+                             "[bayesncl] exited with status 0\n")
+  (fake.tmp / "calls.log").unlink()
+  local = [a for a in TRAIN if not a.startswith("--workdir")]
+  sh("tpu_train.sh", *local, "--workdir=/tmp/run", "--allow_local_workdir",
+     env=fake.env, check=0)
+  assert not [c for c in fake.calls("gcloud") if c["argv"][0] == "storage"]
 
 
 def test_tpu_train_logs_a_failed_run_and_skips_eval(fake):
@@ -710,6 +811,64 @@ done
   assert verbs == expected, proc.stderr
   assert f"pod is {state}" in proc.stderr
   assert "started bayesncl" in proc.stdout
+
+
+@pytest.mark.parametrize("states, verbs, code", [
+    # Still starting: wait, then it is READY: nothing deleted.
+    (["CREATING", "STARTING", "READY"], ["describe"] * 3, 0),
+    # Repairing, then preempted: delete and create.
+    (["REPAIRING", "PREEMPTED"], ["describe"] * 2 + ["delete", "create"], 0),
+    # Gone: create again.
+    (["NOT_FOUND"], ["describe", "delete", "create"], 0),
+    # The query fails (permissions, network): stop, delete nothing.
+    (["ERROR"], ["describe"], 2),
+])
+def test_tpu_recover_waits_on_transitions_and_never_deletes_blindly(
+    fake, states, verbs, code):
+  _setup_fakes(fake)
+  answers = fake.tmp / "states"
+  answers.write_text("\n".join(states) + "\n")
+  write_exe(fake.bin / "gcloud", fake.record("gcloud", f"""
+case "$*" in *"tpu-vm describe"*)
+  state=$(head -n 1 "{answers}"); sed -i 1d "{answers}"
+  [ -s "{answers}" ] || echo "$state" > "{answers}"
+  case $state in
+    NOT_FOUND) echo "ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource not found" >&2; exit 1 ;;
+    ERROR) echo "ERROR: (gcloud) PERMISSION_DENIED: no" >&2; exit 1 ;;
+  esac
+  echo "$state"; exit 0 ;;
+esac
+for a in "$@"; do
+  case $a in --command=*) exec sh -c "${{a#--command=}}" ;; esac
+done
+"""))
+  write_exe(fake.bin / "tmux", fake.record("tmux"))
+  args = [*VALID["tpu_recover.sh"], "--preemptible", "--poll=1",
+          "--python=python3", "--env=MY_A", "--stage_data=/data"]
+  proc = sh("tpu_recover.sh", *args, "--config.dataset.data_dir=gs://b/d",
+            env={**fake.env, "MY_A": "1"})
+  assert proc.returncode == code, proc.stderr
+  calls = fake.calls("gcloud")
+  tpu_verbs = [c["argv"][3] for c in calls if c["argv"][2] == "tpu-vm"
+               and c["argv"][3] != "ssh"]
+  assert tpu_verbs == verbs, proc.stderr
+  if code:
+    assert "could not query pod (nothing deleted): ERROR: (gcloud) " \
+        "PERMISSION_DENIED" in proc.stderr
+    return
+  create = [c["argv"] for c in calls
+            if c["argv"][2:4] == ["tpu-vm", "create"]]
+  assert all(argv[-1] == "--preemptible" for argv in create)
+  ssh = [c["argv"] for c in calls if c["argv"][2:4] == ["tpu-vm", "ssh"]]
+  setup, train_cmd = (remote_command(["gcloud", *argv])
+                      for argv in (ssh[0], ssh[-1]))
+  assert "PY=python3;" in setup
+  assert "export MY_A=1" in train_cmd and "rsync" in train_cmd
+
+
+def test_tpu_recover_rejects_spot_with_preemptible():
+  assert "exclusive" in fails("tpu_recover.sh", *VALID["tpu_recover.sh"],
+                              "--spot", "--preemptible")
 
 
 # ------------------------------------------------- dry run == real run ----
@@ -850,7 +1009,7 @@ def test_readme_dry_run_examples_are_current():
     command = command.replace("\\\n", " ")  # continuation lines
     assert command.startswith("$ launch/"), block
     proc = subprocess.run(["bash", "-c", command[2:]], cwd=LAUNCH.parent,
-                          env=dict(os.environ, TPU=tpu), capture_output=True,
+                          env=dict(clean_env(), TPU=tpu), capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "+ " + expected, command
@@ -903,17 +1062,21 @@ def test_gpu_slurm_sbatch_starts_one_process_per_node(fake, tmp_path):
   task runs gpu_train.sh with the first node as coordinator and its own
   SLURM_PROCID; --dry-run is passed through, so each prints its command."""
   write_exe(fake.bin / "scontrol", "#!/bin/sh\nprintf 'gpu-a\\ngpu-b\\n'\n")
-  write_exe(fake.bin / "srun", """#!/bin/bash
+  srun_env = tmp_path / "srun_env"
+  write_exe(fake.bin / "srun", f"""#!/bin/bash
+echo "SRUN_CPUS_PER_TASK=${{SRUN_CPUS_PER_TASK-unset}}" > "{srun_env}"
 while [[ $1 == --* ]]; do shift; done
 for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i "$@" || exit; done
 """)
   env = {**fake.env, "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_NTASKS": "2",
-         "SLURM_SUBMIT_DIR": str(LAUNCH.parent)}
+         "SLURM_SUBMIT_DIR": str(LAUNCH.parent), "SLURM_CPUS_PER_TASK": "32"}
   proc = subprocess.run(
       ["bash", str(LAUNCH / "gpu_slurm.sbatch"), "--config=configs/c.py",
        "--workdir=gs://bucket/run", *TRICKY, "--dry-run"],
       capture_output=True, text=True, env=env, timeout=60)
   assert proc.returncode == 0, proc.stderr
+  # srun >= 22.05 ignores the allocation's --cpus-per-task without it.
+  assert srun_env.read_text() == "SRUN_CPUS_PER_TASK=32\n"
   cmds = [shlex.split(line[2:]) for line in proc.stdout.splitlines()]
   python = f"{LAUNCH.parent}/.venv/bin/python"
   assert cmds == [
@@ -926,3 +1089,47 @@ for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i "$@" || exit; done
   proc = subprocess.run(["bash", str(LAUNCH / "gpu_slurm.sbatch")],
                         capture_output=True, text=True, env=env, timeout=60)
   assert proc.returncode != 0 and "run this with sbatch" in proc.stderr
+
+
+@pytest.mark.parametrize("eval_after", [False, True])
+@pytest.mark.parametrize("sig", ["TERM", "HUP"])
+def test_gpu_train_signal_to_the_wrapper_reaches_python(fake, eval_after,
+                                                        sig):
+  """A signal sent to gpu_train.sh's pid only (as a supervisor or a
+  scheduler sends it) reaches Python, which saves and exits 143; the
+  wrapper exits 143 too, skips --eval and leaves no process behind."""
+  saved, pid_file = fake.tmp / "saved", fake.tmp / "python.pid"
+  # The fake main: saves on TERM/HUP (as train.py does), exits 143.
+  python = write_exe(fake.bin / "mypython", fake.record("python", f"""
+case "$*" in *bayesncl_jax.evaluate*) exit 0 ;; esac
+echo $$ > "{pid_file}"
+trap 'echo step > "{saved}"; exit 143' TERM HUP INT
+while :; do sleep 0.05; done
+"""))
+  args = [*VALID["gpu_train.sh"], f"--python={python}"]
+  wrapper = subprocess.Popen(
+      ["bash", str(LAUNCH / "gpu_train.sh"), *args,
+       *(["--eval"] if eval_after else [])],
+      env=fake.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 20
+    while not pid_file.exists():
+      assert wrapper.poll() is None and time.time() < deadline
+      time.sleep(0.05)
+    time.sleep(0.3)  # the fake's trap is set
+    python_pid = int(pid_file.read_text())
+    # exec'd without --eval (same pid); a child with --eval.
+    assert (python_pid == wrapper.pid) != eval_after
+    os.kill(wrapper.pid, getattr(signal, f"SIG{sig}"))
+    _, err = wrapper.communicate(timeout=20)
+  finally:
+    if wrapper.poll() is None:
+      wrapper.kill()
+    if pid_file.exists() and wrapper.returncode != 143:  # a failed run
+      with contextlib.suppress(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+  assert wrapper.returncode == 143, err
+  assert saved.read_text() == "step\n"
+  assert [c["argv"][1] for c in fake.calls("python")] == ["bayesncl_jax.main"]
+  with pytest.raises(ProcessLookupError):  # no orphan
+    os.kill(python_pid, 0)

@@ -57,7 +57,7 @@ TINY = [
 # Generous for 2 shared CPU cores; a healthy tiny job takes 20-40 s.
 JOB_TIMEOUT_S = 240
 # Metrics that are timings, not results.
-TIMING_KEYS = ("images_per_sec",)
+TIMING_KEYS = ("images_per_sec", "step_ms", "input_ms", "compute_ms", "mfu")
 
 
 # ----------------------------------------------------------------------------
@@ -522,3 +522,86 @@ def test_global_batches_do_not_depend_on_process_count():
     for i in range(count):
       for j in range(i + 1, count):
         assert not sets[i] & sets[j], (count, i, j)
+
+
+# ----------------------------------------------------------------------------
+# Restore: process 0 decides the step, every host checks it.
+# ----------------------------------------------------------------------------
+CONSENSUS_WORKER = REPO / "tests" / "consensus_worker.py"
+
+
+def _step_folders(ckpt_dir: Path, steps, corrupt=()):
+  """Committed, sealed step folders holding `value` = "state of step N"."""
+  from bayesncl_jax import integrity  # pylint: disable=g-import-not-at-top
+  for step in steps:
+    (ckpt_dir / str(step)).mkdir(parents=True)
+    (ckpt_dir / str(step) / "value").write_text(f"state of step {step}")
+    integrity.write_manifest(ckpt_dir, step)
+    if step in corrupt:  # changed after sealing: same size, other bytes
+      (ckpt_dir / str(step) / "value").write_text(f"state of step {step}"
+                                                  .upper())
+
+
+@pytest.mark.parametrize("views, expected", [
+    # Process 1 has not seen step 6 yet (a lagging listing, a local disk).
+    ({0: [3, 6], 1: [3]}, "missing"),
+    # Process 1's copy of step 6 differs from what was sealed.
+    ({0: [3, 6], 1: [3, 6]}, "corrupt"),
+    # Process 1 sees a newer step than process 0: process 0's choice wins.
+    ({0: [3], 1: [3, 6]}, 3),
+    # Process 0 sees none: it must not start fresh while process 1 resumes.
+    ({0: [], 1: [3]}, "none"),
+], ids=["missing-on-1", "corrupt-on-1", "newer-on-1", "none-on-0"])
+def test_hosts_restore_the_step_process_0_chose_or_stop_together(
+    tmp_path, views, expected):
+  """Two processes, each looking at its own checkpoint folder: both
+  restore the same step, or both stop with the same one message naming
+  every process, its newest step and what it sees of the chosen one."""
+  address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  procs, outs = [], []
+  for i, steps in views.items():
+    ckpt_dir = tmp_path / f"host{i}" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    _step_folders(ckpt_dir, steps,
+                  corrupt=[6] if expected == "corrupt" and i == 1 else [])
+    outs.append(tmp_path / f"out{i}.json")
+    procs.append(subprocess.Popen(
+        [sys.executable, str(CONSENSUS_WORKER), address, str(len(views)),
+         str(i), str(ckpt_dir), str(outs[-1])], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  logs = []
+  for proc in procs:
+    try:
+      logs.append(proc.communicate(timeout=JOB_TIMEOUT_S)[0])
+    except subprocess.TimeoutExpired:
+      for p in procs:
+        p.kill()
+      pytest.fail("the restore decision hung")
+  assert [p.returncode for p in procs] == [0, 0], logs
+  results = [json.loads(out.read_text()) for out in outs]
+  if isinstance(expected, int):
+    assert results == [{"step": expected,
+                        "value": f"state of step {expected}"}] * 2
+    return
+  # One message, the same on every process (but for the folder each was
+  # given here).
+  results[1]["message"] = results[1]["message"].replace("host1", "host0")
+  assert results[0] == results[1], results
+  assert results[0]["error"] == "HostsDisagreeError"
+  message = results[0]["message"]
+  assert message.startswith("The hosts disagree on the checkpoint to restore")
+  if expected == "none":
+    assert "process 0 sees no checkpoint" in message
+    assert "process 0: newest checkpoint none" in message
+    assert "process 1: newest checkpoint step 3" in message
+  else:
+    assert "process 0 chose step 6" in message
+    assert "process 0: newest checkpoint step 6; step 6 is intact there" in (
+        message)
+    newest_1 = 3 if expected == "missing" else 6
+    assert (f"process 1: newest checkpoint step {newest_1}; step 6 is "
+            f"{expected} there") in message
+  assert "Nothing was restored" in message and "gs://" in message

@@ -224,31 +224,65 @@ def test_sigkill_resume_is_bitwise_identical(tmp_path):
   _equal_params(states[0].opt_state, states[1].opt_state)
 
 
+def _python_pids_under(workdir) -> list[int]:
+  """Processes whose command line names `workdir` (Linux /proc)."""
+  pids = []
+  for proc_dir in pathlib.Path("/proc").iterdir():
+    if proc_dir.name.isdigit():
+      try:
+        cmdline = (proc_dir / "cmdline").read_bytes()
+      except OSError:
+        continue
+      if f"--workdir={workdir}".encode() in cmdline and b"python" in cmdline:
+        pids.append(int(proc_dir.name))
+  return pids
+
+
 @needs_fmnist
-def test_sigterm_saves_and_exits_with_the_preemption_code(tmp_path):
+@pytest.mark.parametrize("how, signum", [
+    ("main", signal.SIGTERM), ("main", signal.SIGHUP),
+    ("gpu_train.sh --eval", signal.SIGTERM)],
+    ids=["SIGTERM-main", "SIGHUP-main", "SIGTERM-wrapper"])
+def test_sigterm_saves_and_exits_with_the_preemption_code(tmp_path, how,
+                                                          signum):
+  """SIGTERM or SIGHUP (a Spot/maintenance shutdown, a closed terminal or
+  tmux) to main, or SIGTERM to the pid of the launch wrapper only: a
+  checkpoint, exit 143, no evaluation and no process left behind."""
   overrides = {"optim.total_steps": 100000, "optim.batch_size": 16,
                "log_every": 1, "ckpt_every": 100000,
                "dataset.max_train_examples": 256}
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
          "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "bayesncl_jax.main",
-       "--config=configs/fashion_mnist.py", f"--workdir={tmp_path}",
-       *cli_args(overrides)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True)
+  args = ["--config=configs/fashion_mnist.py", f"--workdir={tmp_path}",
+          *cli_args(overrides)]
+  if how == "main":
+    cmd = [sys.executable, "-m", "bayesncl_jax.main", *args]
+  else:
+    cmd = ["bash", str(ROOT / "launch" / "gpu_train.sh"), *args,
+           f"--python={sys.executable}", "--eval"]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
   metrics = tmp_path / "metrics.jsonl"
   deadline = time.time() + 300
   while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
     assert proc.poll() is None, proc.stderr.read()[-3000:]
     assert time.time() < deadline, "training never started"
     time.sleep(0.5)
-  proc.send_signal(signal.SIGTERM)
-  _, stderr = proc.communicate(timeout=120)
+  proc.send_signal(signum)
+  try:
+    _, stderr = proc.communicate(timeout=120)
+  finally:
+    leftover = _python_pids_under(tmp_path)
+    for pid in leftover:  # a failed test leaves no training behind
+      os.kill(pid, signal.SIGKILL)
   # Saved, then the distinct "preempted" status: not a completed run.
   assert proc.returncode == train.PREEMPTED_EXIT_CODE == 143, stderr[-3000:]
   steps = integrity.committed_steps(tmp_path / "checkpoints")
   assert len(steps) == 1 and 2 <= steps[0] < 100000
   assert "SIGTERM received" in stderr
+  assert ("SIGHUP received" in stderr) == (signum == signal.SIGHUP)
+  assert "bayesncl_jax.evaluate" not in stderr
+  assert leftover == []
 
 
 @needs_fmnist
@@ -345,3 +379,21 @@ def test_invalid_config_fails_before_compiling(tmp_path):
   config = load_config("fashion_mnist", **{"optim.batch_size": 12})
   with pytest.raises(config_lib.ConfigError, match="not divisible by the 8"):
     train.build(config, sharding.make_mesh(jax.devices()[:8]))
+
+
+@needs_fmnist
+@pytest.mark.parametrize("processes, local_devices", [(16, 4), (16, 8),
+                                                      (2, 1)])
+def test_online_eval_batches_fill_every_local_device(monkeypatch, processes,
+                                                     local_devices):
+  """16 hosts with 4 or 8 devices each: every process reads 512 / 16 = 32
+  rows per batch (a multiple of its devices), not 512 / 16 / 16 = 2."""
+  config = load_config("fashion_mnist", **{"dataset.eval_split": "test"})
+  for index in (0, processes - 1):
+    monkeypatch.setattr(jax, "process_count", lambda: processes)
+    monkeypatch.setattr(jax, "process_index", lambda i=index: i)
+    it = train.online_eval_iterator(config, processes * local_devices, 512)
+    batch = next(it)
+    assert batch["image"].shape[0] == 512 // processes
+    assert batch["image"].shape[0] % local_devices == 0
+    del it
