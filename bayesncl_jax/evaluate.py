@@ -32,10 +32,12 @@ retrieval map over query chunks in `metrics`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from typing import Any
 
@@ -46,8 +48,10 @@ import numpy as np
 from etils import epath
 
 from bayesncl_jax import cli
+from bayesncl_jax import paths
 from bayesncl_jax import preflight
 from bayesncl_jax import train
+from bayesncl_jax import workdir_lock
 from bayesncl_jax.evaluators import base
 from bayesncl_jax.evaluators import feature_selection as feature_selection_lib
 from bayesncl_jax.evaluators import features as features_lib
@@ -182,6 +186,46 @@ def evaluate(workdir: str, options: EvalOptions = EvalOptions(), *,
   options = options.resolve(config)
   step = int(jax.device_get(state.step))
   out_dir = epath.Path(options.out_dir or epath.Path(workdir) / "eval")
+  with staged_output(out_dir) as staging:
+    return _evaluate_into(staging, config, setup, state, options, step, t0)
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: epath.Path):
+  """A fresh folder to write the evaluation into, put in place at the end.
+
+  Local: the outputs go to `<parent>/.<name>.partial-<pid>`, which replaces
+  `out_dir` (two renames) only once everything is written: an evaluation
+  that is interrupted or fails leaves the previous `out_dir` as it was, and
+  the partial folder is removed. gs://: object stores cannot rename a
+  folder (gcsfs copies object by object, which is no safer than writing in
+  place), so the outputs are written in place; report.json is written last.
+  Only process 0 writes.
+  """
+  if os.fspath(out_dir).startswith("gs://") or jax.process_index() != 0:
+    yield out_dir
+    return
+  parent = out_dir.parent
+  parent.mkdir(parents=True, exist_ok=True)
+  staging = parent / f".{out_dir.name}.partial-{os.getpid()}"
+  old = parent / f".{out_dir.name}.old-{os.getpid()}"
+  if staging.exists():
+    shutil.rmtree(staging)
+  try:
+    yield staging
+    staging.mkdir(exist_ok=True)
+    if out_dir.exists():
+      out_dir.rename(old)
+    staging.rename(out_dir)
+  finally:
+    if staging.exists():
+      shutil.rmtree(staging)
+  if old.exists():
+    shutil.rmtree(old)
+
+
+def _evaluate_into(out_dir, config, setup, state, options, step, t0
+                   ) -> dict[str, Any]:
   ctx = base.Context(config, out_dir, options, setup=setup, state=state,
                      title=f"step {step}")
   ctx.seconds["restore"] = time.time() - t0
@@ -443,6 +487,8 @@ def define_flags():
   flags.DEFINE_bool("save_features", False, "Write eval/features.npz "
                     "(train/test h, z, labels; the eval gate for BayesNCL).")
   flags.DEFINE_string("out_dir", None, "Default: WORKDIR/eval.")
+  flags.DEFINE_bool("break_stale_lock", False, "Break the output folder's "
+                    "lock if it is stale (its process is gone).")
   flags.mark_flags_as_required(["workdir"])
   from bayesncl_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.define_flags()
@@ -495,9 +541,14 @@ def main(argv):
   cli.quiet_library_logs()
   from bayesncl_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize_from_flags()
-  report = evaluate(FLAGS.workdir, options_from_flags())
+  workdir = paths.check(FLAGS.workdir)  # gs:///x: refused before any I/O
+  out_dir = FLAGS.out_dir or epath.Path(workdir) / "eval"
+  # Two evaluations into one folder would mix their outputs.
+  with workdir_lock.hold_output(out_dir, "evaluation",
+                                break_stale=FLAGS.break_stale_lock,
+                                enabled=jax.process_index() == 0):
+    report = evaluate(workdir, options_from_flags())
   if jax.process_index() == 0:
-    out_dir = FLAGS.out_dir or epath.Path(FLAGS.workdir) / "eval"
     print(report_markdown(report), flush=True)
     print(f"Wrote {out_dir}/report.json, report.md and figures.", flush=True)
 

@@ -552,3 +552,111 @@ def test_nan_before_any_checkpoint_says_none_is_kept(tmp_path, monkeypatch):
   assert "loss term(s) nce" in message and "gradients of backbone;" in message
   assert "No checkpoint was saved before it" in message
   assert "--config.optim.base_lr" in message
+
+
+# ----------------------------------------------------------------------------
+# 7. One process per workdir (workdir_lock), exit codes.
+# ----------------------------------------------------------------------------
+HOLD_SCRIPT = """
+import sys, time
+from bayesncl_jax import workdir_lock
+how = workdir_lock.hold if sys.argv[1] == "workdir" else (
+    lambda p, what: workdir_lock.hold_output(p, what))
+with how(sys.argv[2], "holding for a test"):
+  print("held", flush=True)
+  time.sleep(600)
+"""
+
+
+@contextlib.contextmanager
+def holder_process(kind, folder):
+  """A second real process that holds the lock of `folder`."""
+  proc = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, kind,
+                           str(folder)], cwd=ROOT, stdout=subprocess.PIPE,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+  try:
+    assert proc.stdout.readline().strip() == "held"
+    yield proc
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    proc.wait()
+
+
+def test_second_main_on_a_workdir_is_refused(stopped):
+  before = snapshot(stopped)
+  with holder_process("workdir", stopped) as holder:
+    proc = run_cli("main", *main_args(stopped))
+    assert proc.returncode == cli.EXIT_LOCKED, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("error: ") == 1, proc.stderr
+    flat = " ".join(proc.stderr.split())
+    assert f"{stopped} is in use: pid {holder.pid} on host " in flat
+    assert "holding for a test" in flat and "started 20" in flat
+    lock_files = {".bayesncl.lock", ".bayesncl.lock.json"}
+    assert {k: v for k, v in snapshot(stopped).items()
+            if k not in lock_files} == before
+  # A holder killed with SIGKILL leaves no lock behind (the OS releases it):
+  # the next run resumes without any clean-up.
+  assert holder.returncode == -9
+  summary = run_cli("main", *main_args(stopped))
+  assert summary.returncode == 0, summary.stderr[-3000:]
+  assert not (stopped / ".bayesncl.lock").exists()
+  assert not (stopped / ".bayesncl.lock.json").exists()
+
+
+def test_second_evaluation_into_one_folder_is_refused(finished, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  with holder_process("output", workdir / "eval") as holder:
+    proc = run_cli("evaluate", f"--workdir={workdir}", "--protocols=knn")
+  assert proc.returncode == cli.EXIT_LOCKED, proc.stderr[-3000:]
+  assert f"pid {holder.pid} on host" in " ".join(proc.stderr.split())
+  assert not (workdir / "eval").exists()
+
+
+def test_lock_of_a_new_workdir_leaves_nothing_when_refused(tmp_path):
+  workdir = tmp_path / "new" / "run"
+  proc = run_cli("main", *main_args(workdir, **{"optim.batch_size": 0}))
+  assert proc.returncode == cli.EXIT_USER_ERROR, proc.stderr[-3000:]
+  assert not workdir.exists()
+
+
+def test_stale_remote_lock_is_reported_not_broken(monkeypatch):
+  from bayesncl_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  import socket  # pylint: disable=g-import-not-at-top
+  dead = subprocess.run(["true"], check=True)
+  del dead
+  proc = subprocess.Popen(["true"])
+  proc.wait()  # a pid that no longer runs
+  here = {"host": socket.gethostname(), "pid": proc.pid, "started": "x"}
+  assert "no longer runs on this host" in workdir_lock.stale_reason(here)
+  alive = {**here, "pid": os.getpid()}
+  assert workdir_lock.stale_reason(alive) is None
+  import time  # pylint: disable=g-import-not-at-top
+  other = {"host": "elsewhere", "pid": 1, "heartbeat_unix": time.time() - 100}
+  assert workdir_lock.stale_reason(other, stale_after=1000) is None
+  assert "100 s old" in workdir_lock.stale_reason(other, stale_after=50)
+  message = workdir_lock.locked_message(
+      "gs://b/run", "gs://b/run/.bayesncl.lock", here, "its process is gone",
+      "gcloud storage rm gs://b/run/.bayesncl.lock")
+  assert "not broken automatically" in message
+  assert "gcloud storage rm gs://b/run/.bayesncl.lock" in message
+  assert "--break_stale_lock" in message
+
+
+@pytest.mark.parametrize("url", ["gs:///x", "gs://A_B/x", "gs://-b/x"])
+def test_malformed_bucket_urls_are_refused_before_any_io(tmp_path, url):
+  proc = run_cli("main", *main_args(url),
+                 env={"STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"})
+  assert_user_error(proc, "is not a valid bucket path", "gs://BUCKET/DIR")
+  assert proc.stderr.count("error: ") == 1
+  proc = run_cli("evaluate", f"--workdir={url}")
+  assert_user_error(proc, "is not a valid bucket path")
+
+
+def test_bad_flag_value_is_a_usage_error(tmp_path):
+  proc = run_cli("main", *main_args(tmp_path / "run"),
+                 "--config.optim.total_steps=abc")
+  assert_user_error(proc)
+  assert "total_steps" in proc.stderr
