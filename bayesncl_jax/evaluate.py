@@ -48,6 +48,7 @@ import numpy as np
 from etils import epath
 
 from bayesncl_jax import cli
+from bayesncl_jax import integrity
 from bayesncl_jax import paths
 from bayesncl_jax import preflight
 from bayesncl_jax import train
@@ -92,7 +93,8 @@ top_activation_examples = pictures.top_activation_examples
 # ----------------------------------------------------------------------------
 # State.
 # ----------------------------------------------------------------------------
-def load_state(workdir: str, step: int | None = None, mesh=None
+def load_state(workdir: str, step: int | None = None, mesh=None,
+               trust_unsealed: bool = False
                ) -> tuple[train.Setup, train.TrainState]:
   """(setup, state) of the run in `workdir` at `step` (default: latest).
 
@@ -112,7 +114,7 @@ def load_state(workdir: str, step: int | None = None, mesh=None
   setup = train.build(config, mesh)
   mngr = train.checkpoint_manager(workdir, config)
   try:
-    steps = sorted(mngr.all_steps())
+    steps = integrity.committed_steps(ckpt_dir)
     if not steps:
       raise EvaluationError(f"No checkpoint step in {ckpt_dir}: the run "
                             "saved none (or they were deleted).")
@@ -120,7 +122,8 @@ def load_state(workdir: str, step: int | None = None, mesh=None
       raise EvaluationError(f"No checkpoint of step {step} in {ckpt_dir}; "
                             f"available steps: {steps}.")
     state = train.restore_checkpoint(mngr, setup, None, step=step,
-                                     restore_data=False)
+                                     restore_data=False,
+                                     trust_unsealed=trust_unsealed)
   finally:
     mngr.close()
   return setup, state
@@ -172,7 +175,7 @@ def run_evaluators(ctx: base.Context, protocols) -> dict[str, Any]:
 
 
 def evaluate(workdir: str, options: EvalOptions = EvalOptions(), *,
-             mesh=None) -> dict[str, Any]:
+             mesh=None, trust_unsealed: bool = False) -> dict[str, Any]:
   """Runs the protocols on the checkpoint in `workdir`; writes the outputs.
 
   Returns the report (the content of report.json).
@@ -181,7 +184,7 @@ def evaluate(workdir: str, options: EvalOptions = EvalOptions(), *,
   preflight.check_evaluation(workdir, train.load_config(workdir), protocols,
                              ALL_PROTOCOLS, _NEEDS_TRAIN, options.out_dir)
   t0 = time.time()
-  setup, state = load_state(workdir, options.step, mesh)
+  setup, state = load_state(workdir, options.step, mesh, trust_unsealed)
   config = setup.config
   options = options.resolve(config)
   step = int(jax.device_get(state.step))
@@ -487,6 +490,8 @@ def define_flags():
   flags.DEFINE_bool("save_features", False, "Write eval/features.npz "
                     "(train/test h, z, labels; the eval gate for BayesNCL).")
   flags.DEFINE_string("out_dir", None, "Default: WORKDIR/eval.")
+  flags.DEFINE_bool("trust_unsealed", False, "Evaluate a checkpoint that "
+                    "has no integrity manifest (its bytes cannot be checked).")
   flags.DEFINE_bool("break_stale_lock", False, "Break the output folder's "
                     "lock if it is stale (its process is gone).")
   flags.mark_flags_as_required(["workdir"])
@@ -547,7 +552,8 @@ def main(argv):
   with workdir_lock.hold_output(out_dir, "evaluation",
                                 break_stale=FLAGS.break_stale_lock,
                                 enabled=jax.process_index() == 0):
-    report = evaluate(workdir, options_from_flags())
+    report = evaluate(workdir, options_from_flags(),
+                      trust_unsealed=FLAGS.trust_unsealed)
   if jax.process_index() == 0:
     print(report_markdown(report), flush=True)
     print(f"Wrote {out_dir}/report.json, report.md and figures.", flush=True)

@@ -37,6 +37,10 @@ from typing import Any, Iterable
 from absl import logging
 from etils import epath
 import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from bayesncl_jax import atomic
 
 MANIFEST_SUFFIX = ".manifest.json"
 QUARANTINE_DIR = "corrupt_checkpoints"
@@ -92,10 +96,24 @@ def write_manifest(ckpt_dir, step: int, **extra) -> epath.Path:
   record = {"step": int(step), "files": fingerprint(step_dir(ckpt_dir, step)),
             "sealed": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
   path = manifest_path(ckpt_dir, step)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(record, indent=1))
-  tmp.replace(path)
+  atomic.write_text(path, json.dumps(record, indent=1))
   return path
+
+
+def _shape_problem(manifest: Any) -> str | None:
+  """Why `manifest` is not a manifest (None if it has the right shape)."""
+  if not isinstance(manifest, dict):
+    return f"a JSON {type(manifest).__name__}, not an object"
+  files = manifest.get("files")
+  if files is None:
+    return None
+  if not isinstance(files, dict):
+    return "its 'files' is not an object"
+  for rel, want in files.items():
+    if not (isinstance(want, dict) and isinstance(want.get("size"), int)
+            and isinstance(want.get("sha256"), str)):
+      return f"its entry for {rel!r} has no integer size and sha256 string"
+  return None
 
 
 def read_manifest(ckpt_dir, step: int) -> dict[str, Any] | None:
@@ -103,9 +121,13 @@ def read_manifest(ckpt_dir, step: int) -> dict[str, Any] | None:
   if not path.exists():
     return None
   try:
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text())
   except (ValueError, OSError) as e:
     return {"unreadable": f"{type(e).__name__}: {e}"}
+  problem = _shape_problem(manifest)
+  if problem:
+    return {"unreadable": f"wrong shape: {problem}"}
+  return manifest
 
 
 def verify(ckpt_dir, step: int) -> tuple[str, str]:
@@ -144,12 +166,13 @@ def verify(ckpt_dir, step: int) -> tuple[str, str]:
 
 
 def committed_steps(ckpt_dir) -> list[int]:
-  """Step folders Orbax has committed (temporary folders excluded)."""
+  """Steps Orbax has committed, by Orbax's own test: locally a step folder
+  without the temporary suffix, on gs:// one with its `commit_success.txt`
+  (a step written in place whose save did not finish is not listed)."""
   ckpt_dir = epath.Path(ckpt_dir)
   if not ckpt_dir.exists():
     return []
-  return sorted(int(p.name) for p in ckpt_dir.iterdir()
-                if p.name.isdigit() and p.is_dir())
+  return sorted(s for s in ocp.utils.checkpoint_steps(ckpt_dir))
 
 
 def prune_manifests(ckpt_dir) -> None:
@@ -262,13 +285,10 @@ class Sealer:
     self._wait(previous)
     try:
       yield
+      # The training time also travels in the step's Orbax custom metadata
+      # (`save_checkpoint`), committed atomically with the step: a run
+      # killed before sealing resumes the count from there.
       self._pending[int(step)] = float(train_seconds)
-      if self._writer:
-        # Until the save commits and is checksummed, the manifest only
-        # carries the training time (a killed run resumes the count).
-        tmp = manifest_path(self.ckpt_dir, step)
-        tmp.write_text(json.dumps({"step": int(step), "files": None,
-                                   "train_seconds": float(train_seconds)}))
     except Exception as e:
       self._raise(e, step)
 
@@ -286,18 +306,49 @@ class Sealer:
       logging.error("While stopping: %s", e)
 
 
-def prior_train_seconds(ckpt_dir, step: int) -> float | None:
-  """Training time up to checkpoint `step`, if its manifest records it."""
+def prior_train_seconds(ckpt_dir, step: int, mngr=None) -> float | None:
+  """Training time up to checkpoint `step`: from its manifest, else from
+  the step's Orbax custom metadata (`mngr`)."""
   manifest = read_manifest(ckpt_dir, step)
   if manifest and isinstance(manifest.get("train_seconds"), (int, float)):
     return float(manifest["train_seconds"])
+  if mngr is not None:
+    try:
+      custom = mngr.metadata(step).custom_metadata or {}
+    except Exception:  # pylint: disable=broad-except
+      custom = {}
+    if isinstance(custom.get("train_seconds"), (int, float)):
+      return float(custom["train_seconds"])
   return None
+
+
+def all_finite(tree) -> bool:
+  """Every floating-point value of `tree` is finite."""
+  for leaf in jax.tree.leaves(jax.device_get(tree)):
+    leaf = np.asarray(leaf)
+    if leaf.dtype.kind == "f" and not np.all(np.isfinite(leaf)):
+      return False
+  return True
+
+
+def unsealed_message(ckpt_dir, step: int, older: list[int]) -> str:
+  fallback = (f" or move its folder {step_dir(ckpt_dir, step)} out of "
+              f"{ckpt_dir} to resume from step {older[-1]}" if older else "")
+  return (f"The checkpoint of step {step} in {ckpt_dir} has no integrity "
+          "manifest (its save was interrupted before it was sealed, or it was "
+          "written before manifests existed), so its bytes cannot be "
+          "checked; nothing was restored. Re-run with --trust_unsealed to "
+          "restore it anyway (the risk: a damaged file restores into wrong "
+          "weights; only values that are not finite are caught, and a "
+          "checkpoint that passes that check is then sealed)"
+          f"{fallback}.")
 
 
 # ----------------------------------------------------------------------------
 # Restoring the newest intact checkpoint.
 # ----------------------------------------------------------------------------
-def restore_newest_intact(mngr, workdir, restore_fn):
+def restore_newest_intact(mngr, workdir, restore_fn, *,
+                          trust_unsealed: bool = False):
   """Restores the newest checkpoint that is intact; reports the others.
 
   restore_fn(step) restores one step (raising CheckpointError on failure)
@@ -315,8 +366,14 @@ def restore_newest_intact(mngr, workdir, restore_fn):
   """
   ckpt_dir = epath.Path(mngr.directory)
   bad: list[tuple[int, str]] = []
-  for step in sorted(mngr.all_steps(), reverse=True):
+  committed = set(committed_steps(ckpt_dir))
+  steps = sorted((s for s in mngr.all_steps() if s in committed),
+                 reverse=True)
+  for step in steps:
     status, detail = verify(ckpt_dir, step)
+    if status == "unsealed" and not trust_unsealed:
+      raise CheckpointError(unsealed_message(
+          ckpt_dir, step, [s for s in sorted(steps) if s < step]))
     if status == "corrupt":
       logging.warning("Checkpoint %d in %s is corrupt: %s", step, ckpt_dir,
                       detail)
@@ -337,6 +394,17 @@ def restore_newest_intact(mngr, workdir, restore_fn):
                       ckpt_dir, _cause(e))
       bad.append((step, f"could not be restored: {_cause(e)}"))
       continue
+    if status == "unsealed":
+      if not all_finite(result):
+        logging.warning("Checkpoint %d in %s (unsealed) holds values that "
+                        "are not finite.", step, ckpt_dir)
+        bad.append((step, "unsealed, with values that are not finite"))
+        continue
+      if jax.process_index() == 0:
+        write_manifest(ckpt_dir, step, trusted_unsealed=True)
+      logging.warning("Checkpoint %d in %s had no manifest; restored with "
+                      "--trust_unsealed, its values are finite, now sealed.",
+                      step, ckpt_dir)
     report = []
     for bad_step, why in bad:
       if jax.process_index() == 0:

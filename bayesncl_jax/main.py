@@ -54,6 +54,9 @@ flags.DEFINE_integer("debug_kill_after_step", None, "Fault injection for "
 flags.DEFINE_bool("allow_config_change", False, "Resume a run under a config "
                   "that changes its result (e.g. more steps); the change is "
                   "recorded in WORKDIR/run_history.jsonl.")
+flags.DEFINE_bool("trust_unsealed", False, "Restore a checkpoint that has no "
+                  "integrity manifest (its save was not sealed); it is sealed "
+                  "if its values are finite.")
 flags.DEFINE_bool("break_stale_lock", False, "Break the workdir's lock if "
                   "it is stale (its process is gone); see workdir_lock.")
 distributed.define_flags()
@@ -76,7 +79,8 @@ def main(argv):
     summary = train.train_and_evaluate(
         FLAGS.config, workdir,
         kill_after_step=FLAGS.debug_kill_after_step,
-        allow_config_change=FLAGS.allow_config_change)
+        allow_config_change=FLAGS.allow_config_change,
+        trust_unsealed=FLAGS.trust_unsealed)
   if jax.process_index() == 0:
     if summary.get("already_finished"):
       print(f"{FLAGS.workdir} already finished its {summary['step']} steps; "

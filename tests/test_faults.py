@@ -299,8 +299,11 @@ def test_truncate_metrics_keeps_one_row_per_step(tmp_path):
   rows = [{"step": s, "loss": float(s)} for s in (1, 2, 3, 4)]
   path.write_text("".join(json.dumps(r) + "\n" for r in rows)
                   + '{"step": 5, "lo')  # torn by the kill
-  assert run_record.truncate_metrics(path, 2) == 3
+  assert run_record.truncate_metrics(path, 2) == 2
   assert read_jsonl(path) == rows[:2]
+  # The torn line is kept aside, not dropped.
+  kept = list(tmp_path.glob("metrics.jsonl.corrupt-*"))
+  assert len(kept) == 1 and kept[0].read_text() == '{"step": 5, "lo\n'
   assert run_record.truncate_metrics(path, 2) == 0  # idempotent
 
 
@@ -660,3 +663,126 @@ def test_bad_flag_value_is_a_usage_error(tmp_path):
                  "--config.optim.total_steps=abc")
   assert_user_error(proc)
   assert "total_steps" in proc.stderr
+
+
+# ----------------------------------------------------------------------------
+# 8. The run's identity; its records.
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides", [
+    {"method": "cl"}, {"model.non_neg": "relu"}, {"dataset.name": "cifar10"},
+    {"gate.type": "ste"}, {"model.backbone": "resnet50"}])
+def test_identity_fields_never_change_on_resume(stopped, overrides):
+  before = snapshot(stopped)
+  recorded = json.loads((stopped / "config.json").read_text())
+  changed = tiny_config(**overrides)
+  diff = run_record.compare(recorded, changed)
+  assert [c.field for c in diff.result] == list(overrides)
+  with pytest.raises(run_record.ConfigChangedError) as e:
+    run_record.RunRecord(stopped).check_config(changed, allow_change=True)
+  message = " ".join(str(e.value).split())
+  field = next(iter(overrides))
+  assert f"config.{field}: " in message and "can never change" in message
+  assert "--allow_config_change does not allow this" in message
+  assert snapshot(stopped) == before
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "a list"])
+def test_config_guard_falls_back_to_config_initial(stopped, damage):
+  path = stopped / "config.json"
+  if damage == "missing":
+    path.unlink()
+  else:
+    path.write_text("{not json" if damage == "garbage" else "[1, 2]")
+  with pytest.raises(run_record.ConfigChangedError, match="config.seed: 0 -> 5"):
+    run(tiny_config(seed=5), stopped)
+  with pytest.raises(run_record.ConfigChangedError, match="config.method"):
+    run(tiny_config(method="cl"), stopped, allow_config_change=True)
+  # Both unusable: one message, nothing done.
+  (stopped / "config_initial.json").write_text("")
+  before = snapshot(stopped)
+  with pytest.raises(run_record.ConfigChangedError) as e:
+    run(tiny_config(), stopped)
+  message = " ".join(str(e.value).split())
+  assert "its recorded config cannot be read: config.json is" in message
+  assert "config_initial.json is not valid JSON" in message
+  assert snapshot(stopped) == before
+
+
+def test_corrupt_record_lines_are_kept_not_dropped(stopped):
+  metrics = stopped / "metrics.jsonl"
+  rows = read_jsonl(metrics)
+  lines = metrics.read_text().splitlines()
+  # A line damaged in the middle (a disk error, a concurrent writer).
+  lines[1] = lines[1][:10] + "\x00\x00" + lines[1][12:]
+  metrics.write_text("\n".join(lines) + "\n")
+  history = stopped / "run_history.jsonl"
+  events = history.read_text()
+  history.write_text(events + "garbage line\n")
+  summary = run(tiny_config(), stopped)
+  assert summary["step"] == 4
+  kept = sorted(stopped.glob("metrics.jsonl.corrupt-*"))
+  assert len(kept) == 1 and kept[0].read_text() == lines[1] + "\n"
+  # Row 1 survives; row 2 was damaged (kept aside); 3-4 were redone.
+  assert [m["step"] for m in read_jsonl(metrics)] == [1, 3, 4]
+  assert read_jsonl(metrics)[0] == rows[0]
+  assert (sorted(stopped.glob("run_history.jsonl.corrupt-*"))[0]
+          .read_text() == "garbage line\n")
+  assert history.read_text().startswith(events)
+  assert [e["event"] for e in read_jsonl(history)][-2:] == ["resume", "end"]
+
+
+@pytest.mark.parametrize("text", ["[]", '{"files": 3}',
+                                  '{"files": {"a": {"size": "x"}}}', "7"])
+def test_manifest_of_the_wrong_shape_is_corrupt(finished, tmp_path, text):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  (workdir / "checkpoints" / "4.manifest.json").write_text(text)
+  status, detail = integrity.verify(workdir / "checkpoints", 4)
+  assert status == "corrupt" and "wrong shape" in detail
+  assert integrity.prior_train_seconds(workdir / "checkpoints", 4) is None
+
+
+def test_unsealed_checkpoint_needs_trust_unsealed(finished, tmp_path):
+  """Killed between its save and its sealing: the checkpoint is refused
+  without --trust_unsealed, restored and sealed with it."""
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  (workdir / "summary.json").unlink()
+  manifest = workdir / "checkpoints" / "4.manifest.json"
+  sealed = json.loads(manifest.read_text())
+  manifest.unlink()
+  before = snapshot(workdir)
+  with pytest.raises(train.CheckpointError) as e:
+    run(tiny_config(), workdir)
+  message = " ".join(str(e.value).split())
+  assert "step 4" in message and "no integrity manifest" in message
+  assert "--trust_unsealed" in message and "the risk" in message
+  assert "resume from step 2" in message
+  assert snapshot(workdir) == before
+  with pytest.raises(train.CheckpointError, match="--trust_unsealed"):
+    evaluate.load_state(str(workdir), mesh=sharding.make_mesh(
+        jax.devices()[:1]))
+  summary = run(tiny_config(), workdir, trust_unsealed=True)
+  assert summary["step"] == 4
+  resealed = json.loads(manifest.read_text())
+  assert resealed["files"] == sealed["files"] and resealed["trusted_unsealed"]
+  # The training time came from Orbax's custom metadata of step 4.
+  assert summary["train_seconds"] == pytest.approx(
+      sealed["train_seconds"] + summary["segment_seconds"])
+
+
+def test_unsealed_flipped_checkpoint_is_not_restored_silently(finished,
+                                                              tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  (workdir / "summary.json").unlink()
+  (workdir / "checkpoints" / "4.manifest.json").unlink()
+  victim = _biggest_array_file(workdir / "checkpoints" / "4")
+  data = bytearray(victim.read_bytes())
+  mid = len(data) // 2
+  data[mid:mid + 400] = bytes(b ^ 0xFF for b in data[mid:mid + 400])
+  victim.write_bytes(bytes(data))
+  with pytest.raises(train.CheckpointError, match="no integrity manifest"):
+    run(tiny_config(), workdir)
+  proc = run_cli("main", *main_args(workdir))
+  assert_user_error(proc, "--trust_unsealed")
