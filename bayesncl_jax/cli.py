@@ -117,8 +117,13 @@ def explain(e: BaseException) -> str | None:
     return str(e)
   if integrity.is_disk_full(e):
     where = getattr(e, "filename", None)
+    note = ""
+    if where:
+      from bayesncl_jax import integrity as _i  # pylint: disable=g-import-not-at-top
+      note = _i.space_note(os.path.dirname(os.fspath(where)) or ".")
     return ("The disk is full (no space left on the device"
-            + (f" while writing {where}" if where else "") + "). Free space "
+            + (f" while writing {where}" if where else "") + f").{note} "
+            "Free space "
             "on it and re-run the same command: training resumes from its "
             "newest checkpoint.")
   if not isinstance(e, OSError):

@@ -293,6 +293,14 @@ def _tfds_data_source(name: str, split: str, data_dir: str, how_to_get: str):
     # A missing TFDS build surfaces as assorted errors (no dataset_info.json
     # makes tfds assume TFRECORD, "not supported for random access", ...).
     where = data_dir or "the default TFDS data dir (~/tensorflow_datasets)"
+    built = paths.join(data_dir or os.path.expanduser("~/tensorflow_datasets"),
+                       name)
+    if not paths.exists(built):
+      # No build at all: TFDS's own words (about formats, "already
+      # prepared") would only mislead.
+      raise DatasetNotFoundError(
+          f"TFDS dataset {name!r} (split {split!r}) is not in {where} (no "
+          f"{built}).\n{how_to_get}") from e
     raise DatasetNotFoundError(
         f"TFDS dataset {name!r} (split {split!r}) is not available in "
         f"ArrayRecord format in {where}.\n{how_to_get}\n"

@@ -31,6 +31,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import shutil
 import time
 from typing import Any, Iterable
 
@@ -220,6 +221,30 @@ def is_disk_full(exc: BaseException) -> bool:
   return False
 
 
+def _mb(n: float) -> str:
+  return f"{n / 1e6:.1f} MB"
+
+
+def space_note(folder, kept: list[int] = ()) -> str:
+  """" N MB are free there; a checkpoint takes about M MB." (local only)."""
+  text = str(folder)
+  if text.startswith("gs://"):
+    return ""
+  probe = epath.Path(text)
+  while not probe.exists() and probe.parent != probe:
+    probe = probe.parent
+  try:
+    free = shutil.disk_usage(str(probe)).free
+  except OSError:
+    return ""
+  note = f" {_mb(free)} are free there"
+  if kept:
+    size = sum(p.stat().length for p in _files(step_dir(folder, kept[-1])))
+    note += (f"; one checkpoint takes about {_mb(size)} (step {kept[-1]}): "
+             "free at least that much")
+  return note + "."
+
+
 def disk_full_message(ckpt_dir, step: int | None) -> str:
   kept = committed_steps(ckpt_dir)
   what = (f"the checkpoint of step {step}" if step is not None
@@ -232,7 +257,8 @@ def disk_full_message(ckpt_dir, step: int | None) -> str:
     after = "No earlier checkpoint exists. "
     resume = "it starts from step 0"
   return (f"The disk is full: no space left on the device while saving "
-          f"{what} to {ckpt_dir}. {after}Free space on that disk (or keep "
+          f"{what} to {ckpt_dir}.{space_note(ckpt_dir, kept)} {after}"
+          "Free space on that disk (or keep "
           "fewer checkpoints: --config.keep_ckpts=N is a harmless change) "
           f"and re-run the same command: {resume}.")
 

@@ -392,6 +392,12 @@ def test_disk_full_during_save_keeps_earlier_checkpoints(tmp_path,
   assert message.startswith("The disk is full") and "\n" not in message
   assert "step 4" in message and "step(s) 2" in message
   assert "resumes from step 2" in message
+  # Where, and how much space: the free space and the size of checkpoint 2.
+  assert f"to {stopped / 'checkpoints'}. " in message
+  size = sum(p.stat().st_size for p in (stopped / "checkpoints" / "2")
+             .rglob("*") if p.is_file())
+  assert re.search(r" [0-9.]+ MB are free there; one checkpoint takes "
+                   rf"about {size / 1e6:.1f} MB \(step 2\)", message), message
   assert integrity.committed_steps(stopped / "checkpoints") == [2]
   assert integrity.verify(stopped / "checkpoints", 2)[0] == "intact"
   assert not (stopped / "summary.json").exists()
@@ -786,3 +792,66 @@ def test_unsealed_flipped_checkpoint_is_not_restored_silently(finished,
     run(tiny_config(), workdir)
   proc = run_cli("main", *main_args(workdir))
   assert_user_error(proc, "--trust_unsealed")
+
+
+# ----------------------------------------------------------------------------
+# 9. Evaluation output: all or nothing.
+# ----------------------------------------------------------------------------
+def test_interrupted_evaluation_leaves_the_previous_one(finished, tmp_path,
+                                                        monkeypatch):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  options = evaluate.EvalOptions(protocols=("knn",), max_examples=64)
+  first = evaluate.evaluate(str(workdir), options, mesh=mesh)
+  before = snapshot(workdir / "eval")
+  assert "report.json" in before and first["step"] == 4
+  real = evaluate.run_evaluators
+
+  def interrupted(ctx, protocols):
+    results = real(ctx, protocols)
+    ctx.write_text("report.md", "half of a second evaluation")
+    raise KeyboardInterrupt  # Ctrl-C (or a kill) mid-way
+  monkeypatch.setattr(evaluate, "run_evaluators", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    evaluate.evaluate(str(workdir), dataclasses_replace(options, step=2),
+                      mesh=mesh)
+  assert snapshot(workdir / "eval") == before
+  assert sorted(p.name for p in workdir.iterdir() if "eval" in p.name) == [
+      "eval"]
+  monkeypatch.setattr(evaluate, "run_evaluators", real)
+  second = evaluate.evaluate(str(workdir), dataclasses_replace(options,
+                                                               step=2),
+                             mesh=mesh)
+  assert second["step"] == 2
+  assert json.loads((workdir / "eval" / "report.json").read_text())[
+      "step"] == 2
+  assert sorted(p.name for p in workdir.iterdir() if "eval" in p.name) == [
+      "eval"]
+
+
+def dataclasses_replace(obj, **changes):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  return dataclasses.replace(obj, **changes)
+
+
+def test_batch_larger_than_the_dataset_is_a_config_error(tmp_path):
+  workdir = tmp_path / "run"
+  proc = run_cli("main", *main_args(workdir, **{
+      "optim.batch_size": 128, "dataset.max_train_examples": 64}))
+  assert_user_error(proc, "The training set has 64 examples, fewer than one "
+                    "batch (config.optim.batch_size=128)")
+  assert not workdir.exists()
+
+
+def test_missing_local_dataset_names_the_package_and_data_dir(tmp_path):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  proc = run_cli("main", *main_args(tmp_path / "run", **{
+      "dataset.data_dir": str(empty)}))
+  assert proc.returncode == cli.EXIT_DATA_MISSING, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1
+  flat = " ".join(proc.stderr.split())
+  assert "apt-get install dataset-fashion-mnist" in flat
+  assert "--config.dataset.data_dir" in flat
+  assert "TFDS said" not in flat and "already prepared" not in flat
