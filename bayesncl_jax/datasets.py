@@ -42,6 +42,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from bayesncl_jax import atomic
 from bayesncl_jax import backgrounds
 from bayesncl_jax import paths
 
@@ -478,15 +479,10 @@ def _find_cache_problem(images_path: str, meta_path: str,
 
 
 def _write_atomically(path: str, write) -> None:
-  """Writes through `write(file)` to a temporary name, then renames."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  """Writes through `write(file)` to a temporary name, then renames
+  (`atomic.writing`: fsync'ed, the temporary file removed on failure)."""
+  with atomic.writing(path) as f:
+    write(f)
 
 
 def build_backgrounds_cache(dataset_config, split: str) -> tuple[str, str]:
