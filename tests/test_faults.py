@@ -855,3 +855,49 @@ def test_missing_local_dataset_names_the_package_and_data_dir(tmp_path):
   assert "apt-get install dataset-fashion-mnist" in flat
   assert "--config.dataset.data_dir" in flat
   assert "TFDS said" not in flat and "already prepared" not in flat
+
+
+# ----------------------------------------------------------------------------
+# 10. NaN mid-run, then resume; a read-only workdir on the command line.
+# ----------------------------------------------------------------------------
+def test_nan_mid_run_then_resume_redoes_the_steps(finished, tmp_path,
+                                                  monkeypatch):
+  """A transient NaN at step 3 stops the run after checkpoint 2; the
+  re-run resumes from 2 and ends where the uninterrupted run ended."""
+  real = train.make_train_step
+
+  def poisoned(setup):
+    step_fn = real(setup)
+
+    def step(state, batch, rng):
+      if int(state.step) == 2:
+        params = dict(state.params)
+        params["projector"] = jax.tree.map(lambda x: x * jnp.nan,
+                                           params["projector"])
+        state = state.replace(params=params)
+      return step_fn(state, batch, rng)
+    return step
+  monkeypatch.setattr(train, "make_train_step", poisoned)
+  workdir = tmp_path / "run"
+  with pytest.raises(train.NonFiniteLossError):
+    run(tiny_config(), workdir)
+  assert integrity.committed_steps(workdir / "checkpoints") == [2]
+  monkeypatch.setattr(train, "make_train_step", real)
+  summary = run(tiny_config(), workdir)
+  assert summary["step"] == 4
+  rows = read_jsonl(workdir / "metrics.jsonl")
+  want = read_jsonl(finished / "metrics.jsonl")
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  for got, ref in zip(rows, want):
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), (got, ref)
+  events = [e["event"] for e in read_jsonl(workdir / "run_history.jsonl")]
+  assert events == ["start", "resume", "end"]
+
+
+def test_read_only_workdir_on_the_command_line(stopped):
+  before = snapshot(stopped)
+  with read_only(stopped):
+    proc = run_cli("main", *main_args(stopped))
+  assert_user_error(proc, str(stopped))
+  assert proc.stderr.count("error: ") == 1
+  assert snapshot(stopped) == before
