@@ -13,11 +13,20 @@ beside the step folder,
 and a restore first checks the files against it. A manifest is written
 when the next save starts (Orbax waits for the previous save there anyway)
 or when the run ends, so the newest checkpoint of a killed run may have
-none yet: it is then restored unverified, as a checkpoint written before
-manifests existed is.
+none yet. Such an *unsealed* checkpoint (or one written before manifests
+existed) cannot be checked: it is restored only with --trust_unsealed,
+and sealed once it restored with finite values. A manifest of the wrong
+JSON shape counts as corrupt. Manifests are written atomically
+(`atomic`).
+
+Committed steps are Orbax's own list (`ocp.utils.checkpoint_steps`): on
+gs:// Orbax writes a step in place and marks it done with
+`commit_success.txt`, so a folder name alone does not mean a finished save.
 
 `train_seconds` is the training time up to that checkpoint, summed over
-the run's segments: a resumed run continues the count from it.
+the run's segments: a resumed run continues the count from it. It is saved
+in the step's Orbax custom metadata (atomically with the step) and copied
+into the manifest; there is no side file to tear.
 
 A corrupt checkpoint is never deleted. When an older intact one exists the
 run resumes from it and the corrupt folder is moved to
@@ -282,8 +291,9 @@ class Sealer:
     self._failed = False
 
   def _seal_committed(self):
+    committed = set(committed_steps(self.ckpt_dir))
     for step in sorted(self._pending):
-      if step_dir(self.ckpt_dir, step).exists():
+      if step in committed:
         if self._writer:
           write_manifest(self.ckpt_dir, step,
                          train_seconds=self._pending[step])
@@ -317,6 +327,21 @@ class Sealer:
       self._pending[int(step)] = float(train_seconds)
     except Exception as e:
       self._raise(e, step)
+
+  def poll(self):
+    """Seals the pending saves that have committed, without waiting (call
+    it after every step): a run killed later (SIGKILL, OOM) then finds its
+    newest checkpoint sealed, not only after the next save started."""
+    if not self._pending or self._failed or not self._writer:
+      return
+    if self.mngr.is_saving_in_progress():
+      return
+    committed = set(committed_steps(self.ckpt_dir))
+    for step in sorted(self._pending):
+      if step in committed and not manifest_path(self.ckpt_dir,
+                                                 step).exists():
+        write_manifest(self.ckpt_dir, step,
+                       train_seconds=self._pending.pop(step))
 
   def finish(self):
     """Waits for the last save; seals it. Raises DiskFullError on ENOSPC."""

@@ -647,6 +647,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           with sealer.saving(done, seconds):
             save_checkpoint(mngr, state, data_iter, force=preempted,
                             train_seconds=seconds)
+        sealer.poll()
         if kill_after_step == done:
           sealer.finish()
           os.kill(os.getpid(), signal.SIGKILL)

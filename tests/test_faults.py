@@ -901,3 +901,27 @@ def test_read_only_workdir_on_the_command_line(stopped):
   assert_user_error(proc, str(stopped))
   assert proc.stderr.count("error: ") == 1
   assert snapshot(stopped) == before
+
+
+def test_a_committed_save_is_sealed_without_waiting_for_the_next(tmp_path):
+  """Sealer.poll (after every step) seals a save as soon as it committed:
+  a run SIGKILLed before its next save finds its newest checkpoint sealed.
+  Its training time is in Orbax's custom metadata from the start."""
+  config = tiny_config()
+  setup = train.build(config, sharding.make_mesh(jax.devices()[:1]))
+  state = train.init_state(setup, jax.random.key(0))
+  mngr = train.checkpoint_manager(tmp_path, config)
+  ckpt = tmp_path / "checkpoints"
+  data_iter = types.SimpleNamespace(get_state=lambda: {"batches": 0})
+  sealer = integrity.Sealer(mngr, tmp_path)
+  with sealer.saving(0, 1.5):
+    train.save_checkpoint(mngr, state, data_iter, train_seconds=1.5)
+  mngr.wait_until_finished()  # committed in the background, not sealed
+  assert integrity.verify(ckpt, 0)[0] == "unsealed"
+  assert integrity.prior_train_seconds(ckpt, 0, mngr) == 1.5
+  sealer.poll()
+  assert integrity.verify(ckpt, 0)[0] == "intact"
+  assert integrity.read_manifest(ckpt, 0)["train_seconds"] == 1.5
+  sealer.finish()
+  mngr.close()
+  assert sorted(p.name for p in ckpt.iterdir()) == ["0", "0.manifest.json"]
