@@ -119,8 +119,7 @@ def explain(e: BaseException) -> str | None:
     where = getattr(e, "filename", None)
     note = ""
     if where:
-      from bayesncl_jax import integrity as _i  # pylint: disable=g-import-not-at-top
-      note = _i.space_note(os.path.dirname(os.fspath(where)) or ".")
+      note = integrity.space_note(os.path.dirname(os.fspath(where)) or ".")
     return ("The disk is full (no space left on the device"
             + (f" while writing {where}" if where else "") + f").{note} "
             "Free space "

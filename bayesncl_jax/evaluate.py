@@ -548,6 +548,8 @@ def main(argv):
   distributed.initialize_from_flags()
   workdir = paths.check(FLAGS.workdir)  # gs:///x: refused before any I/O
   out_dir = FLAGS.out_dir or epath.Path(workdir) / "eval"
+  if paths.is_remote(out_dir):
+    paths.ensure_dir(out_dir)  # the bucket exists (before its lock object)
   # Two evaluations into one folder would mix their outputs.
   with workdir_lock.hold_output(out_dir, "evaluation",
                                 break_stale=FLAGS.break_stale_lock,

@@ -73,6 +73,8 @@ def main(argv):
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
   workdir = paths.check(FLAGS.workdir)  # gs:///x: refused before any I/O
+  if paths.is_remote(workdir):
+    paths.ensure_dir(workdir)  # the bucket exists (before its lock object)
   with workdir_lock.hold(workdir, "training",
                          break_stale=FLAGS.break_stale_lock,
                          enabled=jax.process_index() == 0):
