@@ -237,7 +237,12 @@ def test_train_kill_resume_evaluate_on_the_bucket(gcs, prefix, tmp_path,
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   assert objects(gcs, paths.join(killed, "checkpoints"))  # step k is there
   assert not paths.exists(paths.join(killed, "summary.json"))
-  resumed = run_main(killed, overrides)
+  # The killed process left its lock object: reported, never broken
+  # silently (workdir_lock); --break_stale_lock breaks it.
+  refused = run_main(killed, overrides, check=False)
+  assert refused.returncode == 4, refused.stderr[-3000:]
+  assert "seems to be gone" in " ".join(refused.stderr.split())
+  resumed = run_main(killed, overrides, extra=["--break_stale_lock"])
   assert f"Resumed from {killed}/checkpoints at step {k}" in resumed.stderr
 
   # The same losses at every step, the killed run's lines kept by the resume.
