@@ -21,7 +21,13 @@ from absl import app
 from absl import flags
 from absl import logging
 
-EXIT_USER_ERROR = 2
+# Exit status of every entry point (README "Exit status"):
+EXIT_OK = 0
+EXIT_INTERNAL_ERROR = 1   # a bug: the traceback is printed
+EXIT_USER_ERROR = 2       # usage or config error, bad path, corrupt input
+EXIT_DATA_MISSING = 3     # a dataset split is not where the config says
+EXIT_LOCKED = 4           # another process holds the workdir's lock
+EXIT_PREEMPTED = 143      # SIGTERM: checkpoint saved; re-run to resume
 VERBOSE_ENV = "BAYESNCL_VERBOSE"
 _HINT = f"(--verbose or {VERBOSE_ENV}=1 shows the traceback.)"
 
@@ -83,7 +89,17 @@ def _quiet_excepthook(previous):
 PROJECT_ERRORS = frozenset({
     "ConfigError", "DatasetNotFoundError", "CheckpointError", "DiskFullError",
     "NonFiniteLossError", "EvaluationError", "PreflightError",
-    "ConfigChangedError"})
+    "ConfigChangedError", "WorkdirLockedError", "PathError"})
+
+
+def exit_code(e: BaseException) -> int:
+  """The exit status of a user error `e` (see the table above)."""
+  names = {cls.__name__ for cls in type(e).__mro__}
+  if "WorkdirLockedError" in names:
+    return EXIT_LOCKED
+  if "DatasetNotFoundError" in names:
+    return EXIT_DATA_MISSING
+  return EXIT_USER_ERROR
 
 
 def is_project_error(e: BaseException) -> bool:
@@ -101,8 +117,12 @@ def explain(e: BaseException) -> str | None:
     return str(e)
   if integrity.is_disk_full(e):
     where = getattr(e, "filename", None)
+    note = ""
+    if where:
+      note = integrity.space_note(os.path.dirname(os.fspath(where)) or ".")
     return ("The disk is full (no space left on the device"
-            + (f" while writing {where}" if where else "") + "). Free space "
+            + (f" while writing {where}" if where else "") + f").{note} "
+            "Free space "
             "on it and re-run the same command: training resumes from its "
             "newest checkpoint.")
   if not isinstance(e, OSError):
@@ -135,7 +155,7 @@ def _fail(message: str | None, e: BaseException):
       else ("error: " if i == 0 else "") + p
       for i, p in enumerate(message.split("\n")))
   print(f"{text}\n{_HINT}", file=sys.stderr, flush=True)
-  sys.exit(EXIT_USER_ERROR)
+  sys.exit(exit_code(e))
 
 
 # ----------------------------------------------------------------------------
@@ -241,11 +261,10 @@ def _parse_flags(argv, config_flag: str | None):
     # A bad value (--config.optim.total_steps=abc) or an error raised by the
     # config file itself (configs/x.py:foo=1): ours if we can say more.
     message = _unknown_overrides(argv, config_flag) if config_flag else None
-    if message is None or verbose():
-      # What app.parse_flags_with_usage does.
-      print(f"FATAL Flags parsing error: {e}\nPass --helpshort or "
-            "--helpfull to see help on flags.", file=sys.stderr)
-      sys.exit(1)
+    if message is None:
+      # A bad flag value is a usage error (exit 2), not a crash.
+      message = (f"{e}. Pass --helpshort or --helpfull to see help on "
+                 "flags.")
     _fail(message, e)
   except Exception as e:  # pylint: disable=broad-except
     # Unknown --config.* fields surface as AttributeError/KeyError.

@@ -396,9 +396,9 @@ def main(argv):
   except (tc.InteropError, config_lib.ConfigError, FileNotFoundError,
           train.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(cli.EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main, config_flag="config")

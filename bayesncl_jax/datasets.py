@@ -42,6 +42,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from bayesncl_jax import atomic
 from bayesncl_jax import backgrounds
 from bayesncl_jax import paths
 
@@ -293,6 +294,14 @@ def _tfds_data_source(name: str, split: str, data_dir: str, how_to_get: str):
     # A missing TFDS build surfaces as assorted errors (no dataset_info.json
     # makes tfds assume TFRECORD, "not supported for random access", ...).
     where = data_dir or "the default TFDS data dir (~/tensorflow_datasets)"
+    built = paths.join(data_dir or os.path.expanduser("~/tensorflow_datasets"),
+                       name)
+    if not paths.exists(built):
+      # No build at all: TFDS's own words (about formats, "already
+      # prepared") would only mislead.
+      raise DatasetNotFoundError(
+          f"TFDS dataset {name!r} (split {split!r}) is not in {where} (no "
+          f"{built}).\n{how_to_get}") from e
     raise DatasetNotFoundError(
         f"TFDS dataset {name!r} (split {split!r}) is not available in "
         f"ArrayRecord format in {where}.\n{how_to_get}\n"
@@ -470,15 +479,10 @@ def _find_cache_problem(images_path: str, meta_path: str,
 
 
 def _write_atomically(path: str, write) -> None:
-  """Writes through `write(file)` to a temporary name, then renames."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  """Writes through `write(file)` to a temporary name, then renames
+  (`atomic.writing`: fsync'ed, the temporary file removed on failure)."""
+  with atomic.writing(path) as f:
+    write(f)
 
 
 def build_backgrounds_cache(dataset_config, split: str) -> tuple[str, str]:

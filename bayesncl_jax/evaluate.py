@@ -32,10 +32,12 @@ retrieval map over query chunks in `metrics`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from typing import Any
 
@@ -46,8 +48,11 @@ import numpy as np
 from etils import epath
 
 from bayesncl_jax import cli
+from bayesncl_jax import integrity
+from bayesncl_jax import paths
 from bayesncl_jax import preflight
 from bayesncl_jax import train
+from bayesncl_jax import workdir_lock
 from bayesncl_jax.evaluators import base
 from bayesncl_jax.evaluators import feature_selection as feature_selection_lib
 from bayesncl_jax.evaluators import features as features_lib
@@ -88,7 +93,8 @@ top_activation_examples = pictures.top_activation_examples
 # ----------------------------------------------------------------------------
 # State.
 # ----------------------------------------------------------------------------
-def load_state(workdir: str, step: int | None = None, mesh=None
+def load_state(workdir: str, step: int | None = None, mesh=None,
+               trust_unsealed: bool = False
                ) -> tuple[train.Setup, train.TrainState]:
   """(setup, state) of the run in `workdir` at `step` (default: latest).
 
@@ -108,7 +114,7 @@ def load_state(workdir: str, step: int | None = None, mesh=None
   setup = train.build(config, mesh)
   mngr = train.checkpoint_manager(workdir, config)
   try:
-    steps = sorted(mngr.all_steps())
+    steps = integrity.committed_steps(ckpt_dir)
     if not steps:
       raise EvaluationError(f"No checkpoint step in {ckpt_dir}: the run "
                             "saved none (or they were deleted).")
@@ -116,7 +122,8 @@ def load_state(workdir: str, step: int | None = None, mesh=None
       raise EvaluationError(f"No checkpoint of step {step} in {ckpt_dir}; "
                             f"available steps: {steps}.")
     state = train.restore_checkpoint(mngr, setup, None, step=step,
-                                     restore_data=False)
+                                     restore_data=False,
+                                     trust_unsealed=trust_unsealed)
   finally:
     mngr.close()
   return setup, state
@@ -168,7 +175,7 @@ def run_evaluators(ctx: base.Context, protocols) -> dict[str, Any]:
 
 
 def evaluate(workdir: str, options: EvalOptions = EvalOptions(), *,
-             mesh=None) -> dict[str, Any]:
+             mesh=None, trust_unsealed: bool = False) -> dict[str, Any]:
   """Runs the protocols on the checkpoint in `workdir`; writes the outputs.
 
   Returns the report (the content of report.json).
@@ -177,11 +184,51 @@ def evaluate(workdir: str, options: EvalOptions = EvalOptions(), *,
   preflight.check_evaluation(workdir, train.load_config(workdir), protocols,
                              ALL_PROTOCOLS, _NEEDS_TRAIN, options.out_dir)
   t0 = time.time()
-  setup, state = load_state(workdir, options.step, mesh)
+  setup, state = load_state(workdir, options.step, mesh, trust_unsealed)
   config = setup.config
   options = options.resolve(config)
   step = int(jax.device_get(state.step))
   out_dir = epath.Path(options.out_dir or epath.Path(workdir) / "eval")
+  with staged_output(out_dir) as staging:
+    return _evaluate_into(staging, config, setup, state, options, step, t0)
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: epath.Path):
+  """A fresh folder to write the evaluation into, put in place at the end.
+
+  Local: the outputs go to `<parent>/.<name>.partial-<pid>`, which replaces
+  `out_dir` (two renames) only once everything is written: an evaluation
+  that is interrupted or fails leaves the previous `out_dir` as it was, and
+  the partial folder is removed. gs://: object stores cannot rename a
+  folder (gcsfs copies object by object, which is no safer than writing in
+  place), so the outputs are written in place; report.json is written last.
+  Only process 0 writes.
+  """
+  if os.fspath(out_dir).startswith("gs://") or jax.process_index() != 0:
+    yield out_dir
+    return
+  parent = out_dir.parent
+  parent.mkdir(parents=True, exist_ok=True)
+  staging = parent / f".{out_dir.name}.partial-{os.getpid()}"
+  old = parent / f".{out_dir.name}.old-{os.getpid()}"
+  if staging.exists():
+    shutil.rmtree(staging)
+  try:
+    yield staging
+    staging.mkdir(exist_ok=True)
+    if out_dir.exists():
+      out_dir.rename(old)
+    staging.rename(out_dir)
+  finally:
+    if staging.exists():
+      shutil.rmtree(staging)
+  if old.exists():
+    shutil.rmtree(old)
+
+
+def _evaluate_into(out_dir, config, setup, state, options, step, t0
+                   ) -> dict[str, Any]:
   ctx = base.Context(config, out_dir, options, setup=setup, state=state,
                      title=f"step {step}")
   ctx.seconds["restore"] = time.time() - t0
@@ -466,6 +513,10 @@ def define_flags():
   flags.DEFINE_bool("save_features", False, "Write eval/features.npz "
                     "(train/test h, z, labels; the eval gate for BayesNCL).")
   flags.DEFINE_string("out_dir", None, "Default: WORKDIR/eval.")
+  flags.DEFINE_bool("trust_unsealed", False, "Evaluate a checkpoint that "
+                    "has no integrity manifest (its bytes cannot be checked).")
+  flags.DEFINE_bool("break_stale_lock", False, "Break the output folder's "
+                    "lock if it is stale (its process is gone).")
   flags.mark_flags_as_required(["workdir"])
   from bayesncl_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.define_flags()
@@ -518,9 +569,17 @@ def main(argv):
   cli.quiet_library_logs()
   from bayesncl_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize_from_flags()
-  report = evaluate(FLAGS.workdir, options_from_flags())
+  workdir = paths.check(FLAGS.workdir)  # gs:///x: refused before any I/O
+  out_dir = FLAGS.out_dir or epath.Path(workdir) / "eval"
+  if paths.is_remote(out_dir):
+    paths.ensure_dir(out_dir)  # the bucket exists (before its lock object)
+  # Two evaluations into one folder would mix their outputs.
+  with workdir_lock.hold_output(out_dir, "evaluation",
+                                break_stale=FLAGS.break_stale_lock,
+                                enabled=jax.process_index() == 0):
+    report = evaluate(workdir, options_from_flags(),
+                      trust_unsealed=FLAGS.trust_unsealed)
   if jax.process_index() == 0:
-    out_dir = FLAGS.out_dir or epath.Path(FLAGS.workdir) / "eval"
     print(report_markdown(report), flush=True)
     print(f"Wrote {out_dir}/report.json, report.md and figures.", flush=True)
 

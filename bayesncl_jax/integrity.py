@@ -13,11 +13,20 @@ beside the step folder,
 and a restore first checks the files against it. A manifest is written
 when the next save starts (Orbax waits for the previous save there anyway)
 or when the run ends, so the newest checkpoint of a killed run may have
-none yet: it is then restored unverified, as a checkpoint written before
-manifests existed is.
+none yet. Such an *unsealed* checkpoint (or one written before manifests
+existed) cannot be checked: it is restored only with --trust_unsealed,
+and sealed once it restored with finite values. A manifest of the wrong
+JSON shape counts as corrupt. Manifests are written atomically
+(`atomic`).
+
+Committed steps are Orbax's own list (`ocp.utils.checkpoint_steps`): on
+gs:// Orbax writes a step in place and marks it done with
+`commit_success.txt`, so a folder name alone does not mean a finished save.
 
 `train_seconds` is the training time up to that checkpoint, summed over
-the run's segments: a resumed run continues the count from it.
+the run's segments: a resumed run continues the count from it. It is saved
+in the step's Orbax custom metadata (atomically with the step) and copied
+into the manifest; there is no side file to tear.
 
 A corrupt checkpoint is never deleted. When an older intact one exists the
 run resumes from it and the corrupt folder is moved to
@@ -31,6 +40,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import shutil
 import time
 from typing import Any, Iterable
 
@@ -38,6 +48,9 @@ from absl import logging
 from etils import epath
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+
+from bayesncl_jax import atomic
 
 MANIFEST_SUFFIX = ".manifest.json"
 QUARANTINE_DIR = "corrupt_checkpoints"
@@ -89,10 +102,24 @@ def write_manifest(ckpt_dir, step: int, **extra) -> epath.Path:
   record = {"step": int(step), "files": fingerprint(step_dir(ckpt_dir, step)),
             "sealed": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
   path = manifest_path(ckpt_dir, step)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(record, indent=1))
-  tmp.replace(path)
+  atomic.write_text(path, json.dumps(record, indent=1))
   return path
+
+
+def _shape_problem(manifest: Any) -> str | None:
+  """Why `manifest` is not a manifest (None if it has the right shape)."""
+  if not isinstance(manifest, dict):
+    return f"a JSON {type(manifest).__name__}, not an object"
+  files = manifest.get("files")
+  if files is None:
+    return None
+  if not isinstance(files, dict):
+    return "its 'files' is not an object"
+  for rel, want in files.items():
+    if not (isinstance(want, dict) and isinstance(want.get("size"), int)
+            and isinstance(want.get("sha256"), str)):
+      return f"its entry for {rel!r} has no integer size and sha256 string"
+  return None
 
 
 def read_manifest(ckpt_dir, step: int) -> dict[str, Any] | None:
@@ -100,9 +127,13 @@ def read_manifest(ckpt_dir, step: int) -> dict[str, Any] | None:
   if not path.exists():
     return None
   try:
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text())
   except (ValueError, OSError) as e:
     return {"unreadable": f"{type(e).__name__}: {e}"}
+  problem = _shape_problem(manifest)
+  if problem:
+    return {"unreadable": f"wrong shape: {problem}"}
+  return manifest
 
 
 def verify(ckpt_dir, step: int) -> tuple[str, str]:
@@ -141,12 +172,13 @@ def verify(ckpt_dir, step: int) -> tuple[str, str]:
 
 
 def committed_steps(ckpt_dir) -> list[int]:
-  """Step folders Orbax has committed (temporary folders excluded)."""
+  """Steps Orbax has committed, by Orbax's own test: locally a step folder
+  without the temporary suffix, on gs:// one with its `commit_success.txt`
+  (a step written in place whose save did not finish is not listed)."""
   ckpt_dir = epath.Path(ckpt_dir)
   if not ckpt_dir.exists():
     return []
-  return sorted(int(p.name) for p in ckpt_dir.iterdir()
-                if p.name.isdigit() and p.is_dir())
+  return sorted(s for s in ocp.utils.checkpoint_steps(ckpt_dir))
 
 
 def prune_manifests(ckpt_dir) -> None:
@@ -194,6 +226,30 @@ def is_disk_full(exc: BaseException) -> bool:
   return False
 
 
+def _mb(n: float) -> str:
+  return f"{n / 1e6:.1f} MB"
+
+
+def space_note(folder, kept: list[int] = ()) -> str:
+  """" N MB are free there; a checkpoint takes about M MB." (local only)."""
+  text = str(folder)
+  if text.startswith("gs://"):
+    return ""
+  probe = epath.Path(text)
+  while not probe.exists() and probe.parent != probe:
+    probe = probe.parent
+  try:
+    free = shutil.disk_usage(str(probe)).free
+  except OSError:
+    return ""
+  note = f" {_mb(free)} are free there"
+  if kept:
+    size = sum(p.stat().length for p in _files(step_dir(folder, kept[-1])))
+    note += (f"; one checkpoint takes about {_mb(size)} (step {kept[-1]}): "
+             "free at least that much")
+  return note + "."
+
+
 def disk_full_message(ckpt_dir, step: int | None) -> str:
   kept = committed_steps(ckpt_dir)
   what = (f"the checkpoint of step {step}" if step is not None
@@ -206,7 +262,8 @@ def disk_full_message(ckpt_dir, step: int | None) -> str:
     after = "No earlier checkpoint exists. "
     resume = "it starts from step 0"
   return (f"The disk is full: no space left on the device while saving "
-          f"{what} to {ckpt_dir}. {after}Free space on that disk (or keep "
+          f"{what} to {ckpt_dir}.{space_note(ckpt_dir, kept)} {after}"
+          "Free space on that disk (or keep "
           "fewer checkpoints: --config.keep_ckpts=N is a harmless change) "
           f"and re-run the same command: {resume}.")
 
@@ -230,8 +287,9 @@ class Sealer:
     self._failed = False
 
   def _seal_committed(self):
+    committed = set(committed_steps(self.ckpt_dir))
     for step in sorted(self._pending):
-      if step_dir(self.ckpt_dir, step).exists():
+      if step in committed:
         if self._writer:
           write_manifest(self.ckpt_dir, step,
                          train_seconds=self._pending[step])
@@ -259,15 +317,27 @@ class Sealer:
     self._wait(previous)
     try:
       yield
+      # The training time also travels in the step's Orbax custom metadata
+      # (`save_checkpoint`), committed atomically with the step: a run
+      # killed before sealing resumes the count from there.
       self._pending[int(step)] = float(train_seconds)
-      if self._writer:
-        # Until the save commits and is checksummed, the manifest only
-        # carries the training time (a killed run resumes the count).
-        tmp = manifest_path(self.ckpt_dir, step)
-        tmp.write_text(json.dumps({"step": int(step), "files": None,
-                                   "train_seconds": float(train_seconds)}))
     except Exception as e:
       self._raise(e, step)
+
+  def poll(self):
+    """Seals the pending saves that have committed, without waiting (call
+    it after every step): a run killed later (SIGKILL, OOM) then finds its
+    newest checkpoint sealed, not only after the next save started."""
+    if not self._pending or self._failed or not self._writer:
+      return
+    if self.mngr.is_saving_in_progress():
+      return
+    committed = set(committed_steps(self.ckpt_dir))
+    for step in sorted(self._pending):
+      if step in committed and not manifest_path(self.ckpt_dir,
+                                                 step).exists():
+        write_manifest(self.ckpt_dir, step,
+                       train_seconds=self._pending.pop(step))
 
   def finish(self):
     """Waits for the last save; seals it. Raises DiskFullError on ENOSPC."""
@@ -283,18 +353,49 @@ class Sealer:
       logging.error("While stopping: %s", e)
 
 
-def prior_train_seconds(ckpt_dir, step: int) -> float | None:
-  """Training time up to checkpoint `step`, if its manifest records it."""
+def prior_train_seconds(ckpt_dir, step: int, mngr=None) -> float | None:
+  """Training time up to checkpoint `step`: from its manifest, else from
+  the step's Orbax custom metadata (`mngr`)."""
   manifest = read_manifest(ckpt_dir, step)
   if manifest and isinstance(manifest.get("train_seconds"), (int, float)):
     return float(manifest["train_seconds"])
+  if mngr is not None:
+    try:
+      custom = mngr.metadata(step).custom_metadata or {}
+    except Exception:  # pylint: disable=broad-except
+      custom = {}
+    if isinstance(custom.get("train_seconds"), (int, float)):
+      return float(custom["train_seconds"])
   return None
+
+
+def all_finite(tree) -> bool:
+  """Every floating-point value of `tree` is finite."""
+  for leaf in jax.tree.leaves(jax.device_get(tree)):
+    leaf = np.asarray(leaf)
+    if leaf.dtype.kind == "f" and not np.all(np.isfinite(leaf)):
+      return False
+  return True
+
+
+def unsealed_message(ckpt_dir, step: int, older: list[int]) -> str:
+  fallback = (f" or move its folder {step_dir(ckpt_dir, step)} out of "
+              f"{ckpt_dir} to resume from step {older[-1]}" if older else "")
+  return (f"The checkpoint of step {step} in {ckpt_dir} has no integrity "
+          "manifest (its save was interrupted before it was sealed, or it was "
+          "written before manifests existed), so its bytes cannot be "
+          "checked; nothing was restored. Re-run with --trust_unsealed to "
+          "restore it anyway (the risk: a damaged file restores into wrong "
+          "weights; only values that are not finite are caught, and a "
+          "checkpoint that passes that check is then sealed)"
+          f"{fallback}.")
 
 
 # ----------------------------------------------------------------------------
 # Restoring the newest intact checkpoint.
 # ----------------------------------------------------------------------------
-def restore_newest_intact(mngr, workdir, restore_fn):
+def restore_newest_intact(mngr, workdir, restore_fn, *,
+                          trust_unsealed: bool = False):
   """Restores the newest checkpoint that is intact; reports the others.
 
   restore_fn(step) restores one step (raising CheckpointError on failure)
@@ -312,11 +413,17 @@ def restore_newest_intact(mngr, workdir, restore_fn):
   """
   ckpt_dir = epath.Path(mngr.directory)
   bad: list[tuple[int, str]] = []
-  # On several processes, process 0's listing and verdicts decide; every
-  # host checks the step it is about to restore (`_HostConsensus`).
-  consensus = _HostConsensus(ckpt_dir, mngr.all_steps())
+  # Only steps Orbax has committed. On several processes, process 0's
+  # listing and verdicts decide; every host checks the step it is about to
+  # restore (`_HostConsensus`).
+  committed = set(committed_steps(ckpt_dir))
+  consensus = _HostConsensus(
+      ckpt_dir, [s for s in mngr.all_steps() if s in committed])
   for step in consensus.steps:
     status, detail = consensus.agree_status(step, verify(ckpt_dir, step))
+    if status == "unsealed" and not trust_unsealed:
+      raise CheckpointError(unsealed_message(
+          ckpt_dir, step, [s for s in sorted(consensus.steps) if s < step]))
     if status == "corrupt":
       logging.warning("Checkpoint %d in %s is corrupt: %s", step, ckpt_dir,
                       detail)
@@ -337,6 +444,17 @@ def restore_newest_intact(mngr, workdir, restore_fn):
                       ckpt_dir, _cause(e))
       bad.append((step, f"could not be restored: {_cause(e)}"))
       continue
+    if status == "unsealed":
+      if not all_finite(result):
+        logging.warning("Checkpoint %d in %s (unsealed) holds values that "
+                        "are not finite.", step, ckpt_dir)
+        bad.append((step, "unsealed, with values that are not finite"))
+        continue
+      if jax.process_index() == 0:
+        write_manifest(ckpt_dir, step, trusted_unsealed=True)
+      logging.warning("Checkpoint %d in %s had no manifest; restored with "
+                      "--trust_unsealed, its values are finite, now sealed.",
+                      step, ckpt_dir)
     report = []
     for bad_step, why in bad:
       if jax.process_index() == 0:
@@ -396,13 +514,14 @@ def _allgather_ints(values: list[int]) -> np.ndarray:
 
 
 def agreed_latest_step(mngr) -> int | None:
-  """`mngr.latest_step()` of process 0, on every process.
+  """The newest committed step of process 0, on every process.
 
   Process 0 decides whether the run resumes at all; a host that sees
   checkpoints where process 0 sees none stops the run (HostsDisagreeError),
   instead of starting fresh over them while the others start fresh too.
   """
-  latest = mngr.latest_step()
+  steps = committed_steps(mngr.directory)
+  latest = steps[-1] if steps else None
   if jax.process_count() == 1:
     return latest
   newest = [-1 if latest is None else int(latest)]

@@ -18,9 +18,15 @@ JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables).
 --workdir may be a local folder or gs://BUCKET/DIR (checkpoints, metrics,
 TensorBoard, config and summary all go there).
 
-Exit status: 0 when the run is complete; 143 (`train.PREEMPTED_EXIT_CODE`)
-when a SIGTERM (preemption notice) stopped it after saving a checkpoint —
-rerun the same command to resume; 1 on errors.
+One run per workdir: process 0 holds `WORKDIR/.bayesncl.lock`
+(`workdir_lock`) while it runs; a second run on the same workdir stops at
+once with a message naming the holder.
+
+Exit status (`cli`, README "Exit status"): 0 when the run is complete; 2
+for a usage or config error; 3 when the data is missing; 4 when another
+process holds the workdir; 143 (`train.PREEMPTED_EXIT_CODE`) when a SIGTERM
+(preemption notice) stopped it after saving a checkpoint — rerun the same
+command to resume; 1 on internal errors (a bug; the traceback is printed).
 """
 import sys
 
@@ -34,6 +40,7 @@ from bayesncl_jax import cli
 from bayesncl_jax import distributed
 from bayesncl_jax import paths
 from bayesncl_jax import train
+from bayesncl_jax import workdir_lock
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -47,6 +54,11 @@ flags.DEFINE_integer("debug_kill_after_step", None, "Fault injection for "
 flags.DEFINE_bool("allow_config_change", False, "Resume a run under a config "
                   "that changes its result (e.g. more steps); the change is "
                   "recorded in WORKDIR/run_history.jsonl.")
+flags.DEFINE_bool("trust_unsealed", False, "Restore a checkpoint that has no "
+                  "integrity manifest (its save was not sealed); it is sealed "
+                  "if its values are finite.")
+flags.DEFINE_bool("break_stale_lock", False, "Break the workdir's lock if "
+                  "it is stale (its process is gone); see workdir_lock.")
 distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -60,14 +72,17 @@ def main(argv):
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  try:
+  workdir = paths.check(FLAGS.workdir)  # gs:///x: refused before any I/O
+  if paths.is_remote(workdir):
+    paths.ensure_dir(workdir)  # the bucket exists (before its lock object)
+  with workdir_lock.hold(workdir, "training",
+                         break_stale=FLAGS.break_stale_lock,
+                         enabled=jax.process_index() == 0):
     summary = train.train_and_evaluate(
-        FLAGS.config, FLAGS.workdir,
+        FLAGS.config, workdir,
         kill_after_step=FLAGS.debug_kill_after_step,
-        allow_config_change=FLAGS.allow_config_change)
-  except paths.PathError as e:  # a bad --workdir / data_dir: no traceback.
-    logging.error("%s", e)
-    sys.exit(f"error: {e}")
+        allow_config_change=FLAGS.allow_config_change,
+        trust_unsealed=FLAGS.trust_unsealed)
   if jax.process_index() == 0:
     if summary.get("already_finished"):
       print(f"{FLAGS.workdir} already finished its {summary['step']} steps; "

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bayesncl_jax import config_lib
+
 # Top-level parameter collections -> optimiser parameter group.
 _GROUP_OF_COLLECTION = {
     "backbone": "main",
@@ -60,12 +62,13 @@ def num_train_steps(config, num_train_examples: int) -> tuple[int, int, int]:
     num_train_examples: examples in the training split actually used.
 
   Raises:
-    ValueError: fewer examples than one batch, or nothing to train.
+    config_lib.ConfigError (a ValueError): fewer examples than one batch,
+    or nothing to train.
   """
   optim = config.optim
   steps_per_epoch = int(num_train_examples) // int(optim.batch_size)
   if steps_per_epoch == 0:
-    raise ValueError(
+    raise config_lib.ConfigError(
         f"The training set has {num_train_examples} examples, fewer than one "
         f"batch (config.optim.batch_size={optim.batch_size}); with the last "
         "partial batch dropped there is no training step. Use a smaller "
@@ -82,7 +85,7 @@ def num_train_steps(config, num_train_examples: int) -> tuple[int, int, int]:
     total_steps = int(optim.epochs) * steps_per_epoch
     warmup_steps = int(round(optim.warmup_epochs * steps_per_epoch))
   if total_steps <= 0:
-    raise ValueError(
+    raise config_lib.ConfigError(
         f"config.optim.epochs={optim.epochs} and config.optim.total_steps="
         f"{optim.total_steps} give 0 training steps; set one of them > 0.")
   return total_steps, min(warmup_steps, total_steps), steps_per_epoch

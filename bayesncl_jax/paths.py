@@ -33,6 +33,7 @@ import functools
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -49,6 +50,8 @@ REMOTE_SCHEMES = ("gs://",)
 REMOTE_FLUSH_SECONDS = 5.0
 
 PathLike = str | os.PathLike
+# Cloud Storage bucket names (cloud.google.com/storage/docs/buckets#naming).
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
 
 
 class PathError(ValueError):
@@ -67,6 +70,14 @@ def check(path: PathLike) -> str:
                     f"gs://BUCKET/DIR (two slashes).")
   if text.startswith("gs://") and len(text.rstrip("/")) <= len("gs://"):
     raise PathError(f"{text!r} names no bucket: write gs://BUCKET/DIR.")
+  if text.startswith("gs://"):
+    bucket = text[len("gs://"):].split("/", 1)[0]
+    if not _BUCKET_NAME.fullmatch(bucket):
+      raise PathError(
+          f"{text!r} is not a valid bucket path: {bucket!r} is not a bucket "
+          "name (3-222 characters: lower-case letters, digits, '-', '_', "
+          "'.'; starting and ending with a letter or digit). Write "
+          "gs://BUCKET/DIR.")
   return text
 
 
@@ -152,14 +163,8 @@ def write_bytes(path: PathLike, data: bytes) -> None:
   Local: a temporary file renamed over the target. gs://: one upload, which
   replaces the object atomically.
   """
-  text = check(path)
-  if is_remote(text):
-    epath.Path(text).write_bytes(data)
-    return
-  tmp = f"{text}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, text)
+  from bayesncl_jax import atomic  # pylint: disable=g-import-not-at-top
+  atomic.write_bytes(check(path), data)
 
 
 def write_text(path: PathLike, text: str) -> None:

@@ -46,6 +46,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 import numpy as np
 from PIL import Image
 
+from bayesncl_jax import cli
 from bayesncl_jax import datasets
 from bayesncl_jax import paths
 
@@ -273,4 +274,4 @@ def main(argv):
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["src", "out"])
-  app.run(main)
+  cli.run(main)

@@ -60,6 +60,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from scipy import stats
 
+from bayesncl_jax import atomic
+
 # name -> (config argument, description); the order is the ledger's.
 VARIANTS = {
     "cl": ("method=cl", "SimCLR (signed features)"),
@@ -337,8 +339,9 @@ def execute(run: Run, *, reevaluate: bool, log=print, env=None
     meta.setdefault(k, 0.0)
 
   def save():
-    with open(meta_path, "w") as f:
-      json.dump(meta, f, indent=2)
+    # Atomic: a torn reproduce.json would read back as None and let the
+    # "started with another command" guard above pass.
+    atomic.write_text(meta_path, json.dumps(meta, indent=2))
 
   save()
   name = f"{run.variant} seed {run.seed}"

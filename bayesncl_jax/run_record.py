@@ -32,6 +32,7 @@ from etils import epath
 from flax import traverse_util
 import jax
 
+from bayesncl_jax import atomic
 from bayesncl_jax import config_lib
 
 # Fields that never change what is trained: how often things are logged or
@@ -41,6 +42,15 @@ HARMLESS_FIELDS = frozenset({
     "log_every", "ckpt_every", "keep_ckpts", "progress_bar",
     "profile_steps", "peak_tflops",
     "dataset.num_workers", "dataset.prefetch_buffer", "dataset.data_dir",
+})
+
+# Fields that say what experiment a workdir holds: never changed on resume,
+# not even with --allow_config_change (a run labelled ncl whose first steps
+# were trained as cl is no run of either method).
+IDENTITY_FIELDS = frozenset({
+    "method", "dataset.name", "model.backbone", "model.stem", "model.width",
+    "model.stage_sizes", "model.proj_hidden", "model.proj_out",
+    "model.non_neg", "gate.type",
 })
 
 CONFIG = "config.json"
@@ -158,24 +168,74 @@ class RunRecord:
 
   def has_trained_state(self) -> bool:
     """Checkpoints (committed step folders) or a summary exist."""
-    ckpt = self.workdir / "checkpoints"
-    if ckpt.exists() and any(p.name.isdigit() for p in ckpt.iterdir()):
+    from bayesncl_jax import integrity  # pylint: disable=g-import-not-at-top
+    if integrity.committed_steps(self.workdir / "checkpoints"):
       return True
     return (self.workdir / SUMMARY).exists()
 
   # -- the checks ------------------------------------------------------------
+  def _config_file(self, name: str) -> tuple[dict[str, Any] | None,
+                                               str | None]:
+    """(the config in `name`, None) or (None, why it is unusable)."""
+    path = self.workdir / name
+    if not path.exists():
+      return None, "missing"
+    try:
+      value = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+      return None, f"not valid JSON ({e})"
+    if not isinstance(value, dict) or not isinstance(value.get("method"),
+                                                     str):
+      return None, "not a config (a JSON object with a method)"
+    return value, None
+
+  def _reference_config(self) -> dict[str, Any] | None:
+    """config.json, else config_initial.json; None for a new workdir.
+
+    Raises ConfigChangedError when the workdir holds a trained state but
+    neither file is usable: nothing to compare the config with.
+    """
+    latest, why = self._config_file(CONFIG)
+    if latest is not None:
+      return latest
+    initial, why_initial = self._config_file(CONFIG_INITIAL)
+    if initial is not None:
+      if why != "missing" or self.has_trained_state():
+        logging.warning("%s is %s; comparing the config with %s instead.",
+                        self.workdir / CONFIG, why, CONFIG_INITIAL)
+      return initial
+    if not self.has_trained_state():
+      return None
+    raise ConfigChangedError(
+        f"{self.workdir} holds a trained run, but its recorded config "
+        f"cannot be read: {CONFIG} is {why} and {CONFIG_INITIAL} is "
+        f"{why_initial}. Without it a resume cannot be checked against the "
+        "config the run was trained with, so nothing was done. Restore "
+        f"{self.workdir / CONFIG} from a copy (or write the run's config "
+        "there), or start in a new --workdir.")
+
   def check_config(self, config, *, allow_change: bool = False
                    ) -> ConfigDiff | None:
     """Compares `config` with the recorded one; refuses a silent change.
 
     Returns None for a new workdir, else the difference. Raises
     ConfigChangedError when a field that changes the result differs, a
-    trained state exists and `allow_change` is False.
+    trained state exists and `allow_change` is False, and always when an
+    identity field (IDENTITY_FIELDS) differs.
     """
-    recorded = self.recorded_config()
+    recorded = self._reference_config()
     if recorded is None:
       return None
     diff = compare(recorded, config)
+    identity = [c for c in diff.result if c.field in IDENTITY_FIELDS]
+    if identity and self.has_trained_state():
+      lines = "\n".join(f"  {c}" for c in identity)
+      raise ConfigChangedError(
+          f"{self.workdir} holds a run of another experiment. These fields "
+          f"say what the run is and can never change on resume (recorded -> "
+          f"now):\n{lines}\n--allow_config_change does not allow this: the "
+          "run would carry one method's (or model's, or dataset's) name with "
+          "another's first steps. Start this config in a new --workdir.")
     if diff.result and not allow_change and self.has_trained_state():
       lines = "\n".join(f"  {c}" for c in diff.result)
       harmless = ""
@@ -226,8 +286,9 @@ class RunRecord:
     if not self._writer:
       return
     path = self.workdir / HISTORY
-    old = path.read_text() if path.exists() else ""
-    path.write_text(old + json.dumps({"time": _now(), **event}) + "\n")
+    good = read_jsonl_lines(path, keep_corrupt=True)
+    atomic.write_text(path, "".join(line + "\n" for line in good)
+                      + json.dumps({"time": _now(), **event}) + "\n")
 
   def begin(self, config, *, step: int, diff: ConfigDiff | None,
             resumed: bool, fallback: list[str] = ()) -> None:
@@ -239,9 +300,10 @@ class RunRecord:
     if not (self.workdir / CONFIG_INITIAL).exists():
       # Older workdirs: the config they recorded last is the best record
       # of how they started.
-      old = self.workdir / CONFIG
-      initial = old.read_text() if old.exists() and resumed else text
-      (self.workdir / CONFIG_INITIAL).write_text(initial)
+      old, _ = self._config_file(CONFIG)
+      initial = ((self.workdir / CONFIG).read_text()
+                 if old is not None and resumed else text)
+      atomic.write_text(self.workdir / CONFIG_INITIAL, initial)
     if fallback:
       self._append({"event": "fallback", "step": step,
                     "report": list(fallback)})
@@ -260,7 +322,7 @@ class RunRecord:
         logging.info("Resuming with harmless config differences: %s",
                      "; ".join(map(str, diff.harmless)))
       self._append(event)
-    (self.workdir / CONFIG).write_text(text)
+    atomic.write_text(self.workdir / CONFIG, text)
     truncate_metrics(self.workdir / METRICS, step)
 
   def end(self, summary: dict[str, Any]) -> None:
@@ -269,32 +331,56 @@ class RunRecord:
                   "train_seconds": summary.get("train_seconds")})
 
 
+def read_jsonl_lines(path, *, keep_corrupt: bool = False) -> list[str]:
+  """The lines of a JSON-lines record that hold a JSON object.
+
+  With `keep_corrupt`, the other lines (a torn last line of a killed
+  writer, a line damaged by a disk error or a concurrent writer) are kept
+  in `<file>.corrupt-<time>` with a one-line warning, so that rewriting the
+  file never silently drops them.
+  """
+  path = epath.Path(path)
+  if not path.exists():
+    return []
+  good, bad = [], []
+  for line in path.read_text().splitlines():
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except ValueError:
+      row = None
+    (good if isinstance(row, dict) else bad).append(line)
+  if bad and keep_corrupt:
+    kept = path.parent / f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+    old = kept.read_text() if kept.exists() else ""
+    atomic.write_text(kept, old + "".join(line + "\n" for line in bad))
+    logging.warning("%s: %d line(s) are not JSON records; kept in %s, the "
+                    "%d good line(s) stay.", path, len(bad), kept, len(good))
+  return good
+
+
 def truncate_metrics(path, step: int) -> int:
   """Keeps the rows of steps <= `step` (those a resume does not redo).
 
   Rows after the restored checkpoint were logged by a segment that died
   before its next checkpoint; the resumed run logs those steps again.
-  A torn last line (killed mid-write) is dropped too. Returns the number
-  of rows dropped.
+  Lines that are no JSON record (a torn last line of a killed run, a
+  damaged line) are moved to `<file>.corrupt-<time>` (`read_jsonl_lines`),
+  never dropped. Returns the number of rows dropped.
   """
   path = epath.Path(path)
   if not path.exists():
     return 0
-  kept, dropped = [], 0
-  for line in path.read_text().splitlines():
-    try:
-      row = json.loads(line)
-    except ValueError:
-      dropped += 1
-      continue
-    if isinstance(row, dict) and row.get("step", 0) <= step:
-      kept.append(line)
-    else:
-      dropped += 1
+  lines = path.read_text().splitlines()
+  good = read_jsonl_lines(path, keep_corrupt=True)
+  kept = [line for line in good
+          if not isinstance(json.loads(line).get("step", 0), (int, float))
+          or json.loads(line).get("step", 0) <= step]
+  dropped = len(good) - len(kept)
+  if len(kept) != len([line for line in lines if line.strip()]):
+    atomic.write_text(path, "".join(line + "\n" for line in kept))
   if dropped:
-    tmp = path.parent / (path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
     logging.info("Dropped %d rows after step %d from %s (they are logged "
                  "again by this segment).", dropped, step, path)
   return dropped

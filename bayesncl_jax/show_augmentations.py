@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 import numpy as np
 from ml_collections import config_flags
 
+from bayesncl_jax import cli
 from bayesncl_jax import augment
 from bayesncl_jax import input_pipeline
 from bayesncl_jax import paths
@@ -87,4 +88,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main, config_flag="config")

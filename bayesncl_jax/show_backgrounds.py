@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from ml_collections import config_flags
 import numpy as np
 
+from bayesncl_jax import cli
 from bayesncl_jax import datasets
 from bayesncl_jax.evaluators import base as evaluators_base
 
@@ -86,4 +87,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main, config_flag="config")

@@ -241,16 +241,25 @@ def checkpoint_manager(workdir, config) -> ocp.CheckpointManager:
                                item_names=("state", "data"))
 
 
-def save_checkpoint(mngr, state: TrainState, data_iter, *, force=False):
-  """Saves the state and the data position (one small JSON, process 0)."""
+def save_checkpoint(mngr, state: TrainState, data_iter, *, force=False,
+                    train_seconds: float | None = None):
+  """Saves the state and the data position (one small JSON, process 0).
+
+  `train_seconds` (training time up to this step) goes into the step's
+  Orbax custom metadata, committed atomically with the step.
+  """
   step = int(jax.device_get(state.step))
+  custom = ({} if train_seconds is None
+            else {"train_seconds": float(train_seconds)})
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
-      data=ocp.args.JsonSave(data_iter.get_state())), force=force)
+      data=ocp.args.JsonSave(data_iter.get_state())), force=force,
+      custom_metadata=custom)
 
 
 def restore_checkpoint(mngr, setup: Setup, data_iter, step=None,
-                       restore_data=True, verify=True) -> TrainState:
+                       restore_data=True, verify=True,
+                       trust_unsealed=False) -> TrainState:
   """Restores the state (into the current sharding) and the data position.
 
   The data position is the global batch count, so a checkpoint written by
@@ -262,10 +271,16 @@ def restore_checkpoint(mngr, setup: Setup, data_iter, step=None,
   differ — becomes a CheckpointError naming the directory and what to do;
   never a silent fresh start over the user's run.
   """
-  step = mngr.latest_step() if step is None else step
   ckpt_dir = epath.Path(mngr.directory)
+  if step is None:
+    committed = integrity.committed_steps(ckpt_dir)
+    step = committed[-1] if committed else mngr.latest_step()
   if verify:
     status, detail = integrity.verify(ckpt_dir, step)
+    if status == "unsealed" and not trust_unsealed:
+      raise CheckpointError(integrity.unsealed_message(
+          ckpt_dir, step, [s for s in integrity.committed_steps(ckpt_dir)
+                           if s < step]))
     if status == "corrupt":
       others = [s for s in mngr.all_steps() if s != step]
       raise CheckpointError(
@@ -560,8 +575,8 @@ def _progress(total, initial, enabled):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        *, mesh=None, kill_after_step: int | None = None,
-                       allow_config_change: bool = False
-                       ) -> dict[str, Any]:
+                       allow_config_change: bool = False,
+                       trust_unsealed: bool = False) -> dict[str, Any]:
   """Pre-trains (resuming from `workdir` if it holds a checkpoint).
 
   Returns the final summary: last logged training metrics, test-split
@@ -603,9 +618,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if integrity.agreed_latest_step(mngr) is not None:
     state, restored_step, fallback = integrity.restore_newest_intact(
         mngr, workdir, lambda s: restore_checkpoint(mngr, setup, data_iter,
-                                                    step=s, verify=False))
-    prior_seconds = integrity.prior_train_seconds(mngr.directory,
-                                                  restored_step) or 0.0
+                                                    step=s, verify=False),
+        trust_unsealed=trust_unsealed)
+    prior_seconds = integrity.prior_train_seconds(
+        mngr.directory, restored_step, mngr) or 0.0
     logging.info("Resumed from %s at step %d.", mngr.directory,
                  int(state.step))
   else:
@@ -674,8 +690,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                             refresh=False)
           pending, pending_start, t_log = [], done, now
         if ckpt_now or preempted:
-          with sealer.saving(done, prior_seconds + time.time() - t_start):
-            save_checkpoint(mngr, state, data_iter, force=preempted)
+          seconds = prior_seconds + time.time() - t_start
+          with sealer.saving(done, seconds):
+            save_checkpoint(mngr, state, data_iter, force=preempted,
+                            train_seconds=seconds)
+        sealer.poll()
         if kill_after_step == done:
           sealer.finish()
           os.kill(os.getpid(), signal.SIGKILL)

@@ -299,8 +299,11 @@ def test_truncate_metrics_keeps_one_row_per_step(tmp_path):
   rows = [{"step": s, "loss": float(s)} for s in (1, 2, 3, 4)]
   path.write_text("".join(json.dumps(r) + "\n" for r in rows)
                   + '{"step": 5, "lo')  # torn by the kill
-  assert run_record.truncate_metrics(path, 2) == 3
+  assert run_record.truncate_metrics(path, 2) == 2
   assert read_jsonl(path) == rows[:2]
+  # The torn line is kept aside, not dropped.
+  kept = list(tmp_path.glob("metrics.jsonl.corrupt-*"))
+  assert len(kept) == 1 and kept[0].read_text() == '{"step": 5, "lo\n'
   assert run_record.truncate_metrics(path, 2) == 0  # idempotent
 
 
@@ -389,6 +392,12 @@ def test_disk_full_during_save_keeps_earlier_checkpoints(tmp_path,
   assert message.startswith("The disk is full") and "\n" not in message
   assert "step 4" in message and "step(s) 2" in message
   assert "resumes from step 2" in message
+  # Where, and how much space: the free space and the size of checkpoint 2.
+  assert f"to {stopped / 'checkpoints'}. " in message
+  size = sum(p.stat().st_size for p in (stopped / "checkpoints" / "2")
+             .rglob("*") if p.is_file())
+  assert re.search(r" [0-9.]+ MB are free there; one checkpoint takes "
+                   rf"about {size / 1e6:.1f} MB \(step 2\)", message), message
   assert integrity.committed_steps(stopped / "checkpoints") == [2]
   assert integrity.verify(stopped / "checkpoints", 2)[0] == "intact"
   assert not (stopped / "summary.json").exists()
@@ -552,3 +561,367 @@ def test_nan_before_any_checkpoint_says_none_is_kept(tmp_path, monkeypatch):
   assert "loss term(s) nce" in message and "gradients of backbone;" in message
   assert "No checkpoint was saved before it" in message
   assert "--config.optim.base_lr" in message
+
+
+# ----------------------------------------------------------------------------
+# 7. One process per workdir (workdir_lock), exit codes.
+# ----------------------------------------------------------------------------
+HOLD_SCRIPT = """
+import sys, time
+from bayesncl_jax import workdir_lock
+how = workdir_lock.hold if sys.argv[1] == "workdir" else (
+    lambda p, what: workdir_lock.hold_output(p, what))
+with how(sys.argv[2], "holding for a test"):
+  print("held", flush=True)
+  time.sleep(600)
+"""
+
+
+@contextlib.contextmanager
+def holder_process(kind, folder):
+  """A second real process that holds the lock of `folder`."""
+  proc = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, kind,
+                           str(folder)], cwd=ROOT, stdout=subprocess.PIPE,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+  try:
+    assert proc.stdout.readline().strip() == "held"
+    yield proc
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    proc.wait()
+
+
+def test_second_main_on_a_workdir_is_refused(stopped):
+  before = snapshot(stopped)
+  with holder_process("workdir", stopped) as holder:
+    proc = run_cli("main", *main_args(stopped))
+    assert proc.returncode == cli.EXIT_LOCKED, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("error: ") == 1, proc.stderr
+    flat = " ".join(proc.stderr.split())
+    assert f"{stopped} is in use: pid {holder.pid} on host " in flat
+    assert "holding for a test" in flat and "started 20" in flat
+    lock_files = {".bayesncl.lock", ".bayesncl.lock.json"}
+    assert {k: v for k, v in snapshot(stopped).items()
+            if k not in lock_files} == before
+  # A holder killed with SIGKILL leaves no lock behind (the OS releases it):
+  # the next run resumes without any clean-up.
+  assert holder.returncode == -9
+  summary = run_cli("main", *main_args(stopped))
+  assert summary.returncode == 0, summary.stderr[-3000:]
+  assert not (stopped / ".bayesncl.lock").exists()
+  assert not (stopped / ".bayesncl.lock.json").exists()
+
+
+def test_second_evaluation_into_one_folder_is_refused(finished, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  with holder_process("output", workdir / "eval") as holder:
+    proc = run_cli("evaluate", f"--workdir={workdir}", "--protocols=knn")
+  assert proc.returncode == cli.EXIT_LOCKED, proc.stderr[-3000:]
+  assert f"pid {holder.pid} on host" in " ".join(proc.stderr.split())
+  assert not (workdir / "eval").exists()
+
+
+def test_lock_of_a_new_workdir_leaves_nothing_when_refused(tmp_path):
+  workdir = tmp_path / "new" / "run"
+  proc = run_cli("main", *main_args(workdir, **{"optim.batch_size": 0}))
+  assert proc.returncode == cli.EXIT_USER_ERROR, proc.stderr[-3000:]
+  assert not workdir.exists()
+
+
+def test_stale_remote_lock_is_reported_not_broken(monkeypatch):
+  from bayesncl_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  import socket  # pylint: disable=g-import-not-at-top
+  dead = subprocess.run(["true"], check=True)
+  del dead
+  proc = subprocess.Popen(["true"])
+  proc.wait()  # a pid that no longer runs
+  here = {"host": socket.gethostname(), "pid": proc.pid, "started": "x"}
+  assert "no longer runs on this host" in workdir_lock.stale_reason(here)
+  alive = {**here, "pid": os.getpid()}
+  assert workdir_lock.stale_reason(alive) is None
+  import time  # pylint: disable=g-import-not-at-top
+  other = {"host": "elsewhere", "pid": 1, "heartbeat_unix": time.time() - 100}
+  assert workdir_lock.stale_reason(other, stale_after=1000) is None
+  assert "100 s old" in workdir_lock.stale_reason(other, stale_after=50)
+  message = workdir_lock.locked_message(
+      "gs://b/run", "gs://b/run/.bayesncl.lock", here, "its process is gone",
+      "gcloud storage rm gs://b/run/.bayesncl.lock")
+  assert "not broken automatically" in message
+  assert "gcloud storage rm gs://b/run/.bayesncl.lock" in message
+  assert "--break_stale_lock" in message
+
+
+@pytest.mark.parametrize("url", ["gs:///x", "gs://A_B/x", "gs://-b/x"])
+def test_malformed_bucket_urls_are_refused_before_any_io(tmp_path, url):
+  proc = run_cli("main", *main_args(url),
+                 env={"STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"})
+  assert_user_error(proc, "is not a valid bucket path", "gs://BUCKET/DIR")
+  assert proc.stderr.count("error: ") == 1
+  proc = run_cli("evaluate", f"--workdir={url}")
+  assert_user_error(proc, "is not a valid bucket path")
+
+
+def test_bad_flag_value_is_a_usage_error(tmp_path):
+  proc = run_cli("main", *main_args(tmp_path / "run"),
+                 "--config.optim.total_steps=abc")
+  assert_user_error(proc)
+  assert "total_steps" in proc.stderr
+
+
+# ----------------------------------------------------------------------------
+# 8. The run's identity; its records.
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides", [
+    {"method": "cl"}, {"model.non_neg": "relu"}, {"dataset.name": "cifar10"},
+    {"gate.type": "ste"}, {"model.backbone": "resnet50"}])
+def test_identity_fields_never_change_on_resume(stopped, overrides):
+  before = snapshot(stopped)
+  recorded = json.loads((stopped / "config.json").read_text())
+  changed = tiny_config(**overrides)
+  diff = run_record.compare(recorded, changed)
+  assert [c.field for c in diff.result] == list(overrides)
+  with pytest.raises(run_record.ConfigChangedError) as e:
+    run_record.RunRecord(stopped).check_config(changed, allow_change=True)
+  message = " ".join(str(e.value).split())
+  field = next(iter(overrides))
+  assert f"config.{field}: " in message and "can never change" in message
+  assert "--allow_config_change does not allow this" in message
+  assert snapshot(stopped) == before
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "a list"])
+def test_config_guard_falls_back_to_config_initial(stopped, damage):
+  path = stopped / "config.json"
+  if damage == "missing":
+    path.unlink()
+  else:
+    path.write_text("{not json" if damage == "garbage" else "[1, 2]")
+  with pytest.raises(run_record.ConfigChangedError, match="config.seed: 0 -> 5"):
+    run(tiny_config(seed=5), stopped)
+  with pytest.raises(run_record.ConfigChangedError, match="config.method"):
+    run(tiny_config(method="cl"), stopped, allow_config_change=True)
+  # Both unusable: one message, nothing done.
+  (stopped / "config_initial.json").write_text("")
+  before = snapshot(stopped)
+  with pytest.raises(run_record.ConfigChangedError) as e:
+    run(tiny_config(), stopped)
+  message = " ".join(str(e.value).split())
+  assert "its recorded config cannot be read: config.json is" in message
+  assert "config_initial.json is not valid JSON" in message
+  assert snapshot(stopped) == before
+
+
+def test_corrupt_record_lines_are_kept_not_dropped(stopped):
+  metrics = stopped / "metrics.jsonl"
+  rows = read_jsonl(metrics)
+  lines = metrics.read_text().splitlines()
+  # A line damaged in the middle (a disk error, a concurrent writer).
+  lines[1] = lines[1][:10] + "\x00\x00" + lines[1][12:]
+  metrics.write_text("\n".join(lines) + "\n")
+  history = stopped / "run_history.jsonl"
+  events = history.read_text()
+  history.write_text(events + "garbage line\n")
+  summary = run(tiny_config(), stopped)
+  assert summary["step"] == 4
+  kept = sorted(stopped.glob("metrics.jsonl.corrupt-*"))
+  assert len(kept) == 1 and kept[0].read_text() == lines[1] + "\n"
+  # Row 1 survives; row 2 was damaged (kept aside); 3-4 were redone.
+  assert [m["step"] for m in read_jsonl(metrics)] == [1, 3, 4]
+  assert read_jsonl(metrics)[0] == rows[0]
+  assert (sorted(stopped.glob("run_history.jsonl.corrupt-*"))[0]
+          .read_text() == "garbage line\n")
+  assert history.read_text().startswith(events)
+  assert [e["event"] for e in read_jsonl(history)][-2:] == ["resume", "end"]
+
+
+@pytest.mark.parametrize("text", ["[]", '{"files": 3}',
+                                  '{"files": {"a": {"size": "x"}}}', "7"])
+def test_manifest_of_the_wrong_shape_is_corrupt(finished, tmp_path, text):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  (workdir / "checkpoints" / "4.manifest.json").write_text(text)
+  status, detail = integrity.verify(workdir / "checkpoints", 4)
+  assert status == "corrupt" and "wrong shape" in detail
+  assert integrity.prior_train_seconds(workdir / "checkpoints", 4) is None
+
+
+def test_unsealed_checkpoint_needs_trust_unsealed(finished, tmp_path):
+  """Killed between its save and its sealing: the checkpoint is refused
+  without --trust_unsealed, restored and sealed with it."""
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  (workdir / "summary.json").unlink()
+  manifest = workdir / "checkpoints" / "4.manifest.json"
+  sealed = json.loads(manifest.read_text())
+  manifest.unlink()
+  before = snapshot(workdir)
+  with pytest.raises(train.CheckpointError) as e:
+    run(tiny_config(), workdir)
+  message = " ".join(str(e.value).split())
+  assert "step 4" in message and "no integrity manifest" in message
+  assert "--trust_unsealed" in message and "the risk" in message
+  assert "resume from step 2" in message
+  assert snapshot(workdir) == before
+  with pytest.raises(train.CheckpointError, match="--trust_unsealed"):
+    evaluate.load_state(str(workdir), mesh=sharding.make_mesh(
+        jax.devices()[:1]))
+  summary = run(tiny_config(), workdir, trust_unsealed=True)
+  assert summary["step"] == 4
+  resealed = json.loads(manifest.read_text())
+  assert resealed["files"] == sealed["files"] and resealed["trusted_unsealed"]
+  # The training time came from Orbax's custom metadata of step 4.
+  assert summary["train_seconds"] == pytest.approx(
+      sealed["train_seconds"] + summary["segment_seconds"])
+
+
+def test_unsealed_flipped_checkpoint_is_not_restored_silently(finished,
+                                                              tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  (workdir / "summary.json").unlink()
+  (workdir / "checkpoints" / "4.manifest.json").unlink()
+  victim = _biggest_array_file(workdir / "checkpoints" / "4")
+  data = bytearray(victim.read_bytes())
+  mid = len(data) // 2
+  data[mid:mid + 400] = bytes(b ^ 0xFF for b in data[mid:mid + 400])
+  victim.write_bytes(bytes(data))
+  with pytest.raises(train.CheckpointError, match="no integrity manifest"):
+    run(tiny_config(), workdir)
+  proc = run_cli("main", *main_args(workdir))
+  assert_user_error(proc, "--trust_unsealed")
+
+
+# ----------------------------------------------------------------------------
+# 9. Evaluation output: all or nothing.
+# ----------------------------------------------------------------------------
+def test_interrupted_evaluation_leaves_the_previous_one(finished, tmp_path,
+                                                        monkeypatch):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  options = evaluate.EvalOptions(protocols=("knn",), max_examples=64)
+  first = evaluate.evaluate(str(workdir), options, mesh=mesh)
+  before = snapshot(workdir / "eval")
+  assert "report.json" in before and first["step"] == 4
+  real = evaluate.run_evaluators
+
+  def interrupted(ctx, protocols):
+    results = real(ctx, protocols)
+    ctx.write_text("report.md", "half of a second evaluation")
+    raise KeyboardInterrupt  # Ctrl-C (or a kill) mid-way
+  monkeypatch.setattr(evaluate, "run_evaluators", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    evaluate.evaluate(str(workdir), dataclasses_replace(options, step=2),
+                      mesh=mesh)
+  assert snapshot(workdir / "eval") == before
+  assert sorted(p.name for p in workdir.iterdir() if "eval" in p.name) == [
+      "eval"]
+  monkeypatch.setattr(evaluate, "run_evaluators", real)
+  second = evaluate.evaluate(str(workdir), dataclasses_replace(options,
+                                                               step=2),
+                             mesh=mesh)
+  assert second["step"] == 2
+  assert json.loads((workdir / "eval" / "report.json").read_text())[
+      "step"] == 2
+  assert sorted(p.name for p in workdir.iterdir() if "eval" in p.name) == [
+      "eval"]
+
+
+def dataclasses_replace(obj, **changes):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  return dataclasses.replace(obj, **changes)
+
+
+def test_batch_larger_than_the_dataset_is_a_config_error(tmp_path):
+  workdir = tmp_path / "run"
+  proc = run_cli("main", *main_args(workdir, **{
+      "optim.batch_size": 128, "dataset.max_train_examples": 64}))
+  assert_user_error(proc, "The training set has 64 examples, fewer than one "
+                    "batch (config.optim.batch_size=128)")
+  assert not workdir.exists()
+
+
+def test_missing_local_dataset_names_the_package_and_data_dir(tmp_path):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  proc = run_cli("main", *main_args(tmp_path / "run", **{
+      "dataset.data_dir": str(empty)}))
+  assert proc.returncode == cli.EXIT_DATA_MISSING, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1
+  flat = " ".join(proc.stderr.split())
+  assert "apt-get install dataset-fashion-mnist" in flat
+  assert "--config.dataset.data_dir" in flat
+  assert "TFDS said" not in flat and "already prepared" not in flat
+
+
+# ----------------------------------------------------------------------------
+# 10. NaN mid-run, then resume; a read-only workdir on the command line.
+# ----------------------------------------------------------------------------
+def test_nan_mid_run_then_resume_redoes_the_steps(finished, tmp_path,
+                                                  monkeypatch):
+  """A transient NaN at step 3 stops the run after checkpoint 2; the
+  re-run resumes from 2 and ends where the uninterrupted run ended."""
+  real = train.make_train_step
+
+  def poisoned(setup):
+    step_fn = real(setup)
+
+    def step(state, batch, rng):
+      if int(state.step) == 2:
+        params = dict(state.params)
+        params["projector"] = jax.tree.map(lambda x: x * jnp.nan,
+                                           params["projector"])
+        state = state.replace(params=params)
+      return step_fn(state, batch, rng)
+    return step
+  monkeypatch.setattr(train, "make_train_step", poisoned)
+  workdir = tmp_path / "run"
+  with pytest.raises(train.NonFiniteLossError):
+    run(tiny_config(), workdir)
+  assert integrity.committed_steps(workdir / "checkpoints") == [2]
+  monkeypatch.setattr(train, "make_train_step", real)
+  summary = run(tiny_config(), workdir)
+  assert summary["step"] == 4
+  rows = read_jsonl(workdir / "metrics.jsonl")
+  want = read_jsonl(finished / "metrics.jsonl")
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  for got, ref in zip(rows, want):
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), (got, ref)
+  events = [e["event"] for e in read_jsonl(workdir / "run_history.jsonl")]
+  assert events == ["start", "resume", "end"]
+
+
+def test_read_only_workdir_on_the_command_line(stopped):
+  before = snapshot(stopped)
+  with read_only(stopped):
+    proc = run_cli("main", *main_args(stopped))
+  assert_user_error(proc, str(stopped))
+  assert proc.stderr.count("error: ") == 1
+  assert snapshot(stopped) == before
+
+
+def test_a_committed_save_is_sealed_without_waiting_for_the_next(tmp_path):
+  """Sealer.poll (after every step) seals a save as soon as it committed:
+  a run SIGKILLed before its next save finds its newest checkpoint sealed.
+  Its training time is in Orbax's custom metadata from the start."""
+  config = tiny_config()
+  setup = train.build(config, sharding.make_mesh(jax.devices()[:1]))
+  state = train.init_state(setup, jax.random.key(0))
+  mngr = train.checkpoint_manager(tmp_path, config)
+  ckpt = tmp_path / "checkpoints"
+  data_iter = types.SimpleNamespace(get_state=lambda: {"batches": 0})
+  sealer = integrity.Sealer(mngr, tmp_path)
+  with sealer.saving(0, 1.5):
+    train.save_checkpoint(mngr, state, data_iter, train_seconds=1.5)
+  mngr.wait_until_finished()  # committed in the background, not sealed
+  assert integrity.verify(ckpt, 0)[0] == "unsealed"
+  assert integrity.prior_train_seconds(ckpt, 0, mngr) == 1.5
+  sealer.poll()
+  assert integrity.verify(ckpt, 0)[0] == "intact"
+  assert integrity.read_manifest(ckpt, 0)["train_seconds"] == 1.5
+  sealer.finish()
+  mngr.close()
+  assert sorted(p.name for p in ckpt.iterdir()) == ["0", "0.manifest.json"]

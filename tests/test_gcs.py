@@ -267,7 +267,12 @@ def test_train_kill_resume_evaluate_on_the_bucket(gcs, prefix, tmp_path,
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   assert objects(gcs, paths.join(killed, "checkpoints"))  # step k is there
   assert not paths.exists(paths.join(killed, "summary.json"))
-  resumed = run_main(killed, overrides)
+  # The killed process left its lock object: reported, never broken
+  # silently (workdir_lock); --break_stale_lock breaks it.
+  refused = run_main(killed, overrides, check=False)
+  assert refused.returncode == 4, refused.stderr[-3000:]
+  assert "seems to be gone" in " ".join(refused.stderr.split())
+  resumed = run_main(killed, overrides, extra=["--break_stale_lock"])
   assert f"Resumed from {killed}/checkpoints at step {k}" in resumed.stderr
 
   # The same losses at every step, the killed run's lines kept by the resume.
@@ -484,3 +489,78 @@ def test_tfds_build_is_read_from_the_bucket(gcs, prefix, tmp_path):
   assert len(source) == len(here) == 3
   assert [source[i]["id"] for i in range(3)] == [here[i]["id"]
                                                  for i in range(3)]
+
+
+# ----------------------------------------------------------------------------
+# Orbax's commit marker; the workdir lock on the bucket.
+# ----------------------------------------------------------------------------
+@needs_fmnist
+def test_uncommitted_step_on_the_bucket_is_not_used(gcs, prefix, tmp_path,
+                                                     monkeypatch):
+  """On gs:// Orbax writes a step in place and marks it done with
+  commit_success.txt: a step without it (a save that did not finish) is
+  not listed, restored, evaluated or resumed from."""
+  from bayesncl_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from bayesncl_jax import integrity  # pylint: disable=g-import-not-at-top
+  from bayesncl_jax import run_record  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "cache"))
+  overrides = {"optim.total_steps": 4, "optim.batch_size": 16,
+               "log_every": 1, "ckpt_every": 2,
+               "dataset.max_train_examples": 64,
+               "dataset.eval_split": "train"}
+  workdir = paths.join(prefix, "run")
+  run_main(workdir, overrides)
+  ckpt = paths.join(workdir, "checkpoints")
+  assert "4/commit_success.txt" in objects(gcs, ckpt)
+  assert integrity.committed_steps(ckpt) == [2, 4]
+  # Step 4's save "did not finish": no marker, no manifest, no summary.
+  for name in ("checkpoints/4/commit_success.txt",
+               "checkpoints/4.manifest.json", "summary.json"):
+    paths.as_path(paths.join(workdir, name)).unlink()
+  assert "4/_CHECKPOINT_METADATA" in objects(gcs, ckpt)  # half-written
+  assert integrity.committed_steps(ckpt) == [2]
+  assert run_record.RunRecord(workdir).has_trained_state()
+  _, state = evaluate.load_state(workdir, mesh=sharding.make_mesh(
+      jax.devices()[:1]))
+  assert int(state.step) == 2
+  assert not list(workdir_objects(gcs, workdir, ".bayesncl.lock"))
+
+
+def workdir_objects(gcs, workdir, name):
+  return [n for n in objects(gcs, workdir) if n == name]
+
+
+def test_workdir_lock_on_the_bucket(gcs, prefix):
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from bayesncl_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  workdir = paths.join(prefix, "run")
+  second = [sys.executable, "-c", (
+      "import sys; from bayesncl_jax import workdir_lock as w\n"
+      "try:\n  with w.hold(sys.argv[1], 'second'): print('held')\n"
+      "except w.WorkdirLockedError as e: print('refused:', e)"), workdir]
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  with workdir_lock.hold(workdir, "first"):
+    assert objects(gcs, workdir) == [".bayesncl.lock"]
+    out = subprocess.run(second, cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120).stdout
+    assert out.startswith(f"refused: {workdir} is in use: pid {os.getpid()} "
+                          f"on host {socket.gethostname()}"), out
+  assert objects(gcs, workdir) == []
+  # A holder that died without releasing (SIGKILL): reported, not broken.
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  paths.write_json(paths.join(workdir, ".bayesncl.lock"), {
+      "host": socket.gethostname(), "pid": dead.pid, "started": "then",
+      "purpose": "training", "command": "python -m bayesncl_jax.main"})
+  out = subprocess.run(second, cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120).stdout
+  flat = " ".join(out.split())
+  assert "seems to be gone" in flat and "no longer runs on this host" in flat
+  assert f"gcloud storage rm {workdir}/.bayesncl.lock" in flat
+  assert objects(gcs, workdir) == [".bayesncl.lock"]  # still there
+  with workdir_lock.hold(workdir, "third", break_stale=True):
+    assert json.loads(raw_object(gcs, paths.join(
+        workdir, ".bayesncl.lock")))["pid"] == os.getpid()
+  assert objects(gcs, workdir) == []

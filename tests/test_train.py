@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 from bayesncl_jax import config_lib
 from bayesncl_jax import input_pipeline
 from bayesncl_jax import integrity
+from bayesncl_jax import run_record
 from bayesncl_jax import sharding
 from bayesncl_jax import train
 
@@ -293,14 +294,23 @@ def test_corrupt_or_incompatible_checkpoint_is_a_clear_error(tmp_path):
   mesh = sharding.make_mesh(jax.devices()[:1])
   train.train_and_evaluate(load_config("fashion_mnist", **overrides),
                            tmp_path, mesh=mesh)
-  # A different model width cannot be restored into, even when the config
-  # change is allowed: no silent fresh start, no advice to delete anything.
+  # A different model width is another experiment: refused even when the
+  # config change is allowed (run_record.IDENTITY_FIELDS).
   wider = load_config("fashion_mnist", **{**overrides,
                                           "optim.total_steps": 4,
                                           "model.width": 8})
+  with pytest.raises(run_record.ConfigChangedError,
+                     match="config.model.width: 4 -> 8"):
+    train.train_and_evaluate(wider, tmp_path, mesh=mesh,
+                             allow_config_change=True)
+  # Another gate-head depth cannot be restored into, even when the config
+  # change is allowed: no silent fresh start, no advice to delete anything.
+  deeper = load_config("fashion_mnist", **{**overrides,
+                                           "optim.total_steps": 4,
+                                           "gate.depth": 1})
   with pytest.raises(train.CheckpointError,
                      match="intact .* does not fit this config") as e:
-    train.train_and_evaluate(wider, tmp_path, mesh=mesh,
+    train.train_and_evaluate(deeper, tmp_path, mesh=mesh,
                              allow_config_change=True)
   assert "delete" not in str(e.value)
 
@@ -315,7 +325,8 @@ def test_corrupt_or_incompatible_checkpoint_is_a_clear_error(tmp_path):
     it = input_pipeline.create_pretrain_iterator(config, process_index=0,
                                                  process_count=1)
     try:
-      train.restore_checkpoint(mngr, setup, it)
+      # Without its manifest (below) the checkpoint needs trust_unsealed.
+      train.restore_checkpoint(mngr, setup, it, trust_unsealed=True)
       return it.get_state()["next_batch"]
     finally:
       it.close()
@@ -344,9 +355,13 @@ def test_corrupt_or_incompatible_checkpoint_is_a_clear_error(tmp_path):
   config = load_config("fashion_mnist", **{**overrides,
                                            "optim.total_steps": 4})
   with pytest.raises(train.CheckpointError,
-                     match="No checkpoint .* can be restored"):
+                     match="no integrity manifest .* --trust_unsealed"):
     train.train_and_evaluate(config, tmp_path, mesh=mesh,
                              allow_config_change=True)
+  with pytest.raises(train.CheckpointError,
+                     match="No checkpoint .* can be restored"):
+    train.train_and_evaluate(config, tmp_path, mesh=mesh,
+                             allow_config_change=True, trust_unsealed=True)
 
 
 @needs_fmnist
