@@ -89,7 +89,7 @@ def _quiet_excepthook(previous):
 PROJECT_ERRORS = frozenset({
     "ConfigError", "DatasetNotFoundError", "CheckpointError", "DiskFullError",
     "NonFiniteLossError", "EvaluationError", "PreflightError",
-    "ConfigChangedError", "WorkdirLockedError", "PathError"})
+    "ConfigChangedError", "WorkdirLockedError", "PathError", "ExploreError"})
 
 
 def exit_code(e: BaseException) -> int:

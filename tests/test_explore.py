@@ -520,6 +520,36 @@ def test_command_line_exit_codes(tiny_runs, tmp_path):
   assert "Traceback" not in proc.stderr
 
 
+@needs_fmnist
+def test_second_explorer_on_one_site_is_refused(tiny_runs, tmp_path):
+  """explore --out holds the lock beside the site; a second one exits 4."""
+  from bayesncl_jax import cli  # pylint: disable=g-import-not-at-top
+  site_dir = tmp_path / "site"
+  script = ("import sys, time\n"
+            "from bayesncl_jax import workdir_lock\n"
+            "with workdir_lock.hold_output(sys.argv[1], 'holding for a test'):\n"
+            "  print('held', flush=True)\n"
+            "  time.sleep(600)\n")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  holder = subprocess.Popen([sys.executable, "-c", script, str(site_dir)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bayesncl_jax.explore",
+         f"--workdir={tiny_runs('bayesncl')}", f"--out={site_dir}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert proc.returncode == cli.EXIT_LOCKED, proc.stderr
+  assert proc.stderr.count("error: ") == 1, proc.stderr
+  assert "holding for a test" in " ".join(proc.stderr.split())
+  assert not site_dir.exists()
+
+
 # ----------------------------------------------------------------------------
 # The site in a real browser.
 # ----------------------------------------------------------------------------

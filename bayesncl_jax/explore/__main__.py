@@ -5,18 +5,14 @@ r"""Command line of the feature explorer.
 Each DIR is a run evaluated with `python -m bayesncl_jax.evaluate
 --workdir=DIR`. Several DIRs (e.g. CL, NCL and BayesNCL on the same data)
 add a comparison page. Open SITE/index.html in a browser. Exit status 2
-with a one-line message when the input cannot be explored.
+with a one-line message when the input cannot be explored, 4 when another
+explorer is writing the same SITE (the lock beside it).
 """
-import sys
-
 from absl import app
 from absl import flags
-from absl import logging
 
 from bayesncl_jax import cli
-from bayesncl_jax import config_lib
-from bayesncl_jax import train
-from bayesncl_jax.explore import data
+from bayesncl_jax import workdir_lock
 from bayesncl_jax.explore import site
 
 FLAGS = flags.FLAGS
@@ -41,6 +37,8 @@ def define_flags():
   flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size,
                        "Feature-extraction batch (only when the evaluation "
                        "saved no features).")
+  flags.DEFINE_bool("break_stale_lock", False, "Break the --out folder's "
+                    "lock when it is stale (its holder is gone).")
   flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -54,15 +52,12 @@ def main(argv):
       thumb_size=FLAGS.thumb_size, batch_size=FLAGS.batch_size)
   for name in ("top_images", "neighbours", "thumb_size", "batch_size"):
     if getattr(options, name) < 1:
-      print(f"error: --{name} must be >= 1.", file=sys.stderr)
-      sys.exit(2)
-  try:
+      raise app.UsageError(f"--{name} must be >= 1.",
+                           exitcode=cli.EXIT_USER_ERROR)
+  # Two explorers writing one site would mix their pages.
+  with workdir_lock.hold_output(FLAGS.out, "explorer",
+                                break_stale=FLAGS.break_stale_lock):
     summary = site.build_site(FLAGS.workdir, FLAGS.out, options)
-  except (data.ExploreError, FileNotFoundError, config_lib.ConfigError,
-          train.CheckpointError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   print(f"Wrote {summary['pages']} pages and {summary['images']} images "
         f"({summary['bytes'] / 1e6:.1f} MB) to {summary['out']} in "
         f"{summary['seconds']:.1f} s. Open {summary['out']}/index.html in a "
@@ -71,4 +66,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)
