@@ -287,6 +287,7 @@ def test_not_a_torch_file_is_one_clear_error(tmp_path):
 # ----------------------------------------------------------------------------
 # End to end: the authors' .ckpt -> CLI -> evaluate report -> more training.
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 @needs_fmnist
 def test_authors_style_ckpt_imports_with_the_cli_and_evaluates(tmp_path):
   # Written the way Lightning does: weights under "state_dict", beside the

@@ -197,6 +197,7 @@ def _reproduce(out, *extra):
                         text=True, timeout=900)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FMNIST.exists(),
                     reason="apt-get install -y dataset-fashion-mnist")
 def test_grid_end_to_end_skips_and_resumes(tmp_path):

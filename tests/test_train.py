@@ -62,6 +62,7 @@ def run_main(workdir, overrides, *, extra=(), check=True, timeout=600):
   return proc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "imagenet100"])
 def test_config_runs_two_steps_on_mock_data(name, tmp_path):
   config = load_config(
@@ -81,6 +82,7 @@ def test_config_runs_two_steps_on_mock_data(name, tmp_path):
   assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
 
 
+@pytest.mark.slow
 @needs_fmnist
 @pytest.mark.parametrize("method", ["cl", "ncl"])
 def test_fashion_mnist_config_runs_each_method(method, tmp_path):
@@ -93,6 +95,7 @@ def test_fashion_mnist_config_runs_each_method(method, tmp_path):
   assert ("train_kl" in summary) is False
 
 
+@pytest.mark.slow
 @needs_fmnist
 @pytest.mark.parametrize("arg", [
     "method=ncl_topk,top_k=3",
@@ -117,6 +120,7 @@ def test_variants_train_and_report_online_stats(arg, tmp_path):
     assert np.isfinite(summary["train_kl"])
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_real_fashion_mnist_learns_checkpoints_and_resumes(tmp_path):
   overrides = {"optim.total_steps": 40, "optim.batch_size": 64,
@@ -151,6 +155,7 @@ def _equal_params(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_sigkill_resume_is_bitwise_identical(tmp_path):
   # Killed after step k, whose rows are logged, but the newest checkpoint is
@@ -189,6 +194,7 @@ def test_sigkill_resume_is_bitwise_identical(tmp_path):
   _equal_params(states[0].opt_state, states[1].opt_state)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_sigterm_saves_and_exits_with_the_preemption_code(tmp_path):
   overrides = {"optim.total_steps": 100000, "optim.batch_size": 16,
@@ -216,6 +222,7 @@ def test_sigterm_saves_and_exits_with_the_preemption_code(tmp_path):
   assert "SIGTERM received" in stderr
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_corrupt_or_incompatible_checkpoint_is_a_clear_error(tmp_path):
   overrides = {"optim.total_steps": 2, "optim.batch_size": 16,
@@ -280,6 +287,7 @@ def test_corrupt_or_incompatible_checkpoint_is_a_clear_error(tmp_path):
                              allow_config_change=True)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_train_step_on_8_devices_equals_1_device():
   if jax.device_count() < 8:
