@@ -240,3 +240,19 @@ def test_gpu_sh_refuses_without_a_gpu(tmp_path):
                         capture_output=True, text=True, timeout=120)
   assert done.returncode == 2 and "--tiny" in done.stderr
   assert not (tmp_path / "R.md").exists()
+
+
+@pytest.mark.slow
+def test_step_profile_times_the_pieces():
+  # The cheap pieces (the whole step's compile is minutes on a loaded
+  # 2-core machine); the step itself is timed by test_step_throughput_jax.
+  records = _run("step_profile.py", "--batch_size=16", "--steps=1",
+                 "--warmup=0", "--config=configs/fashion_mnist.py:method=ncl",
+                 "--pieces=augment,forward,optimizer,loss", timeout=1200)
+  assert [r["piece"] for r in records] == [
+      "augment", "forward", "optimizer", "loss"]
+  for r in records:
+    _positive(r, "median_ms", "compile_s")
+  by = {r["piece"]: r for r in records}
+  # The network's forward does more work than the loss on its outputs.
+  assert by["forward"]["flops"] > by["loss"]["flops"] > 0

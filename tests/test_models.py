@@ -235,6 +235,7 @@ def _param_count(tree):
     ("resnet18", "cifar", 32, 11_176_512 - 9408 + 1728),
     ("resnet50", "imagenet", 224, 23_508_032),
 ])
+@pytest.mark.slow
 def test_resnet_parameter_counts_and_feature_dims(name, stem, size, expected):
   net = models.ResNet(name, 64, stem)
   x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
@@ -453,6 +454,7 @@ def init_params():
   return out
 
 
+@pytest.mark.slow
 def test_torch_init_matches_pytorch(init_params):
   p = init_params["torch"]
   # Conv: kaiming-normal, fan_out = out_channels * 3 * 3, std sqrt(2/fan_out).
@@ -484,6 +486,7 @@ def test_torch_init_matches_pytorch(init_params):
     np.testing.assert_allclose(w.std(), bound / math.sqrt(3), rtol=0.05)
 
 
+@pytest.mark.slow
 def test_flax_init_zero_inits_last_bn_and_bias(init_params):
   p = init_params["flax"]
   block = p["backbone"]["BasicBlock_0"]
