@@ -122,6 +122,7 @@ def _entry(tmp_path, *args, env=None):
                         cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_every_entry_point_takes_the_flag(tmp_path):
   proc = _entry(tmp_path, f"--compilation_cache={tmp_path / 'c'}",
                 env={cli.COMPILATION_CACHE_ENV: str(tmp_path / "env")})
