@@ -274,6 +274,7 @@ def test_model_outputs(method):
     assert np.all(np.asarray(out["z"]) >= 0)
 
 
+@pytest.mark.slow
 def test_gate_gives_backbone_no_gradient_and_classifier_none():
   model = _tiny("bayesncl", non_neg="relu", gate_type="ste")
   x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
