@@ -95,6 +95,17 @@ def adjust_saturation(img: Array, factor) -> Array:
   return _blend(img, to_grayscale(img), factor)
 
 
+def _wrap(x: Array, period: float) -> Array:
+  """x mod period for x in (−period, 2·period): one conditional shift.
+
+  Equal to `jnp.mod(x, period)` bit for bit on that open range (x − period
+  and x + period are exact there; −0.0 stays −0.0), without the
+  floating-point remainder, a libm call per element on XLA:CPU. (At
+  x = −period, mod gives −0.0 and this +0.0; the callers never get there.)
+  """
+  return jnp.where(x < 0, x + period, jnp.where(x >= period, x - period, x))
+
+
 def rgb_to_hsv(img: Array) -> Array:
   """(…, 3) RGB in [0, 1] → (…, 3) HSV, all in [0, 1] (hue in turns).
 
@@ -111,11 +122,13 @@ def rgb_to_hsv(img: Array) -> Array:
   safe_max = jnp.where(maxc > 0, maxc, 1.0)
   safe_delta = jnp.where(delta > 0, delta, 1.0)
   s = jnp.where(maxc > 0, delta / safe_max, 0.0)
-  hue_r = jnp.mod((g - b) / safe_delta, 6.0)
+  # (g − b)/Δ is in [−1, 1] and h/6 in [0, 1]: the `mod`s reduce to one
+  # conditional add, exactly (`_wrap`).
+  hue_r = _wrap((g - b) / safe_delta, 6.0)
   hue_g = (b - r) / safe_delta + 2.0
   hue_b = (r - g) / safe_delta + 4.0
   h = jnp.where(maxc == r, hue_r, jnp.where(maxc == g, hue_g, hue_b))
-  h = jnp.where(delta > 0, jnp.mod(h / 6.0, 1.0), 0.0)
+  h = jnp.where(delta > 0, _wrap(h / 6.0, 1.0), 0.0)
   return jnp.stack([h, s, maxc], axis=-1)
 
 
@@ -127,7 +140,7 @@ def hsv_to_rgb(hsv: Array) -> Array:
   """
   h, s, v = hsv[..., 0:1], hsv[..., 1:2], hsv[..., 2:3]
   n = jnp.asarray([5.0, 3.0, 1.0], hsv.dtype)
-  k = jnp.mod(n + 6.0 * h, 6.0)
+  k = _wrap(n + 6.0 * h, 6.0)  # n + 6h in [1, 11].
   return v - v * s * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
@@ -140,7 +153,10 @@ def adjust_hue(img: Array, delta) -> Array:
   if _check_color_channels(img, "adjust_hue") == 1:
     return img
   hsv = rgb_to_hsv(img)
-  hsv = hsv.at[..., 0].set(jnp.mod(hsv[..., 0] + delta, 1.0))
+  # A concatenation, not `hsv.at[..., 0].set(...)`: that is a scatter, a
+  # per-element loop on XLA:CPU (the same values either way).
+  hue = _wrap(hsv[..., 0:1] + delta, 1.0)  # in [−0.5, 1.5).
+  hsv = jnp.concatenate([hue, hsv[..., 1:]], axis=-1)
   return jnp.clip(hsv_to_rgb(hsv), 0.0, 1.0)
 
 
@@ -229,6 +245,13 @@ def apply_color_jitter(img: Array, order: Array, factors: Array, *,
   control flow on traced values. `enabled[j] = False` (a static strength of 0)
   makes op j the exact identity; for hue this also skips the HSV round trip,
   which is only identity up to float rounding.
+
+  Under `vmap` (a per-image order) a switch evaluates every branch and
+  selects, so a loop over the four steps would run the HSV round trip, by
+  far the costliest op, four times per image. Instead the steps before the
+  hue step run with the three cheap ops only (a step at or after it is the
+  identity), then hue once, then the steps after it: the same ops on the
+  same values in the same order, hence the same output bit for bit.
   """
   ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
@@ -237,9 +260,23 @@ def apply_color_jitter(img: Array, order: Array, factors: Array, *,
       return lambda x: x
     return lambda x: ops[j](x, factors[j])
 
-  branches = [branch(j) for j in range(4)]
-  return jax.lax.fori_loop(
-      0, 4, lambda t, x: jax.lax.switch(order[t], branches, x), img)
+  if not enabled[3]:
+    branches = [branch(j) for j in range(4)]
+    return jax.lax.fori_loop(
+        0, 4, lambda t, x: jax.lax.switch(order[t], branches, x), img)
+  # Index 3 of the cheap branches is the identity (the hue slot).
+  cheap = [branch(j) for j in range(3)] + [lambda x: x]
+  hue_step = jnp.argmax(order == 3)
+
+  def before(t, x):
+    return jax.lax.switch(jnp.where(t < hue_step, order[t], 3), cheap, x)
+
+  def after(t, x):
+    return jax.lax.switch(jnp.where(t > hue_step, order[t], 3), cheap, x)
+
+  x = jax.lax.fori_loop(0, 3, before, img)
+  x = branch(3)(x)
+  return jax.lax.fori_loop(1, 4, after, x)
 
 
 def color_jitter(rng: Array, img: Array, brightness: float, contrast: float,

@@ -5,6 +5,14 @@ field, missing data, a corrupt checkpoint, a full disk, a read-only folder,
 ...) end in one short paragraph on stderr — what is wrong, how to fix it —
 and exit status 2, instead of a traceback. `--verbose` (or the environment
 variable BAYESNCL_VERBOSE=1) shows the traceback as well.
+
+`enable_compilation_cache()` is the one place where every command (main,
+evaluate, explore, reproduce, the tests) switches on JAX's persistent
+compilation cache: a second run of the same program loads the compiled step
+from disk instead of compiling it again. Where it lives is one setting —
+`--compilation_cache` (every command), else `$BAYESNCL_COMPILATION_CACHE`,
+else `$JAX_COMPILATION_CACHE_DIR`, else `paths.user_cache_dir()` +
+`/jax_compilation_cache` — local or gs://; '' (or "none") turns it off.
 """
 from __future__ import annotations
 
@@ -29,6 +37,9 @@ EXIT_DATA_MISSING = 3     # a dataset split is not where the config says
 EXIT_LOCKED = 4           # another process holds the workdir's lock
 EXIT_PREEMPTED = 143      # SIGTERM: checkpoint saved; re-run to resume
 VERBOSE_ENV = "BAYESNCL_VERBOSE"
+COMPILATION_CACHE_ENV = "BAYESNCL_COMPILATION_CACHE"
+COMPILATION_CACHE_SUBDIR = "jax_compilation_cache"
+_OFF = ("", "none", "off")
 _HINT = f"(--verbose or {VERBOSE_ENV}=1 shows the traceback.)"
 
 
@@ -79,6 +90,73 @@ def _quiet_excepthook(previous):
       return
     previous(kind, value, tb)
   return hook
+
+
+# ----------------------------------------------------------------------------
+# JAX's persistent compilation cache.
+# ----------------------------------------------------------------------------
+def compilation_cache_dir(value: str | None = None) -> str | None:
+  """Where the compilation cache lives; None when it is turned off.
+
+  value: the --compilation_cache flag (None: not given). Then, in order,
+  $BAYESNCL_COMPILATION_CACHE, $JAX_COMPILATION_CACHE_DIR (JAX's own
+  variable, kept for those who set it), and the default
+  `<paths.user_cache_dir()>/jax_compilation_cache`. '', "none" or "off"
+  turn the cache off. Local paths are made absolute (a child process with
+  another working directory then shares them).
+  """
+  from bayesncl_jax import paths  # pylint: disable=g-import-not-at-top
+  for candidate in (value, os.environ.get(COMPILATION_CACHE_ENV),
+                    os.environ.get("JAX_COMPILATION_CACHE_DIR")):
+    if candidate is not None:
+      break
+  else:
+    candidate = os.path.join(paths.user_cache_dir(), COMPILATION_CACHE_SUBDIR)
+  if candidate.strip().lower() in _OFF:
+    return None
+  return candidate if paths.is_remote(candidate) else os.path.abspath(
+      os.path.expanduser(candidate))
+
+
+def _probe_writable(path: str) -> None:
+  """Creates the folder and writes (then removes) a small file in it."""
+  from bayesncl_jax import paths  # pylint: disable=g-import-not-at-top
+  paths.ensure_dir(path)
+  probe = paths.join(path, f".write_probe.{os.getpid()}")
+  paths.write_bytes(probe, b"")
+  paths.as_path(probe).unlink()
+
+
+def enable_compilation_cache(value: str | None = None) -> str | None:
+  """Points JAX's persistent compilation cache at `compilation_cache_dir`.
+
+  Call before the first compilation. Returns the folder, or None when the
+  cache is off — turned off by the setting, or because the folder cannot be
+  created or written: then one warning says so and the run goes on
+  uncached (JAX itself would warn at every compiled program).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  path = compilation_cache_dir(value)
+  if path is not None:
+    try:
+      _probe_writable(path)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning(
+          "The compilation cache %s cannot be written (%s: %s); this run "
+          "compiles without it. Point --compilation_cache (or $%s) at a "
+          "writable folder, or set it to '' to turn the cache off.", path,
+          type(e).__name__, e, COMPILATION_CACHE_ENV)
+      path = None
+  if path == jax.config.jax_compilation_cache_dir:
+    return path
+  # A cache JAX already opened in this process (tests, notebooks) is
+  # closed first, so the new setting takes effect.
+  compilation_cache.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", path)
+  if path is not None:
+    logging.info("JAX persistent compilation cache: %s", path)
+  return path
 
 
 # ----------------------------------------------------------------------------
@@ -288,9 +366,16 @@ def run(main: Callable[[list[str]], Any], *,
   if "verbose" not in flags.FLAGS:
     flags.DEFINE_bool("verbose", False, "Show the traceback of errors "
                       f"(also: {VERBOSE_ENV}=1).")
+  if "compilation_cache" not in flags.FLAGS:
+    flags.DEFINE_string(
+        "compilation_cache", None, "JAX persistent compilation cache folder "
+        f"(local or gs://; '' = off). Default: ${COMPILATION_CACHE_ENV}, "
+        "else ~/.cache/bayesncl_jax/jax_compilation_cache (beside "
+        "$BAYESNCL_CACHE_DIR's data caches).")
 
   def guarded(argv):
     try:
+      enable_compilation_cache(flags.FLAGS.compilation_cache)
       return main(argv)
     except (app.UsageError, SystemExit, KeyboardInterrupt):
       raise

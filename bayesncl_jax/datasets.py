@@ -651,11 +651,7 @@ class ImageNet100ArrayRecordSource:
 
 
 def _default_cache_dir() -> str:
-  return os.environ.get(
-      "BAYESNCL_CACHE_DIR",
-      os.path.join(os.environ.get("XDG_CACHE_HOME",
-                                  os.path.expanduser("~/.cache")),
-                   "bayesncl_jax"))
+  return paths.user_cache_dir()
 
 
 def _scan_labels(tfds_source, name: str, split: str, data_dir: str,

@@ -114,6 +114,19 @@ def _bucket_exists(bucket: str) -> bool:
   return epath.Path(f"gs://{bucket}").exists()
 
 
+def user_cache_dir() -> str:
+  """The user's cache folder of this project: `$BAYESNCL_CACHE_DIR`, else
+  `$XDG_CACHE_HOME/bayesncl_jax` (default `~/.cache/bayesncl_jax`).
+
+  Dataset caches and JAX's persistent compilation cache live under it.
+  """
+  return os.environ.get(
+      "BAYESNCL_CACHE_DIR",
+      os.path.join(os.environ.get("XDG_CACHE_HOME",
+                                  os.path.expanduser("~/.cache")),
+                   "bayesncl_jax"))
+
+
 def bucket_of(path: PathLike) -> str:
   return check(path)[len("gs://"):].split("/", 1)[0]
 

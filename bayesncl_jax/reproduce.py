@@ -31,9 +31,10 @@ the default grid is the first five. `--ablations` adds the BayesNCL paper's
 ablations on the STE model (`ABLATIONS`): soft gating, no gradient
 isolation, 1- and 3-layer gate heads.
 
-Runs share JAX's persistent compilation cache (DIR/jax_cache by default,
-`--compilation_cache=''` turns it off), so only the first seed of a variant
-pays for XLA compilation. Each run directory also holds reproduce.json (the
+Runs share JAX's persistent compilation cache (the one of every command:
+`cli.compilation_cache_dir`, by default ~/.cache/bayesncl_jax/
+jax_compilation_cache; `--compilation_cache=DIR` moves it, `''` turns it
+off), so only the first seed of a variant pays for XLA compilation. Each run directory also holds reproduce.json (the
 exact commands and wall times of this driver) and train.log / eval.log
 (the subprocesses' output).
 The config argument after CONFIG's path is kept and the variant's
@@ -61,6 +62,8 @@ import numpy as np
 from scipy import stats
 
 from bayesncl_jax import atomic
+
+from bayesncl_jax import cli
 
 # name -> (config argument, description); the order is the ledger's.
 VARIANTS = {
@@ -274,17 +277,17 @@ def _forward_sigterm(signum, frame):
     _Child.proc.send_signal(signal.SIGTERM)
 
 
-def subprocess_env(compilation_cache: str) -> dict[str, str]:
-  """The runs' environment: ours, plus JAX's persistent compilation cache.
+def subprocess_env(compilation_cache: str | None) -> dict[str, str]:
+  """The runs' environment: ours, plus the compilation cache setting.
 
-  Seeds of one variant compile the same programs; with the cache only the
-  first seed pays for XLA compilation (a JAX_COMPILATION_CACHE_DIR already
-  in the environment is kept).
+  compilation_cache: the --compilation_cache flag (None: the shared
+  default of `cli.compilation_cache_dir`). The runs resolve it the same
+  way, so seeds of one variant, which compile the same programs, share one
+  cache and only the first pays for XLA compilation.
   """
   env = dict(os.environ)
-  if compilation_cache and "JAX_COMPILATION_CACHE_DIR" not in env:
-    env["JAX_COMPILATION_CACHE_DIR"] = os.path.abspath(compilation_cache)
-    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  path = cli.compilation_cache_dir(compilation_cache)
+  env[cli.COMPILATION_CACHE_ENV] = path or ""
   return env
 
 
@@ -642,7 +645,9 @@ def parse_args(argv: Sequence[str]):
                       "the runs in --out.")
   p.add_argument("--compilation_cache", default=None,
                  help="JAX persistent compilation cache of the runs "
-                      "(default <--out>/jax_cache; '' = none).")
+                      f"(default ${cli.COMPILATION_CACHE_ENV}, else "
+                      "~/.cache/bayesncl_jax/jax_compilation_cache; "
+                      "'' = none).")
   p.add_argument("--dry_run", action="store_true",
                  help="Print the commands and exit.")
   args, rest = p.parse_known_args(argv)
@@ -698,9 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f"error: {e}", file=sys.stderr)
       return 2
     os.makedirs(args.out, exist_ok=True)
-    env = subprocess_env(os.path.join(args.out, "jax_cache")
-                         if args.compilation_cache is None
-                         else args.compilation_cache)
+    env = subprocess_env(args.compilation_cache)
     previous = signal.signal(signal.SIGTERM, _forward_sigterm)
     t0 = time.time()
     try:

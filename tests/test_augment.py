@@ -1,6 +1,7 @@
 """Augmentations against hand values, colorsys, and batch statistics."""
 import colorsys
 import functools
+import itertools
 import math
 
 import chex
@@ -192,6 +193,46 @@ def test_jitter_applies_ops_in_the_given_order():
   np.testing.assert_allclose(forward, h(s(c(b(img)))), atol=1e-6)
   np.testing.assert_allclose(backward, b(c(s(h(img)))), atol=1e-6)
   assert np.abs(np.asarray(forward) - np.asarray(backward)).max() > 1e-2
+
+
+def test_jitter_every_order_per_image_equals_the_sequential_ops():
+  # vmapped, each image with its own order (all 24): the hue-once schedule
+  # must apply exactly the ops a plain loop over the order applies.
+  orders = np.array(list(itertools.permutations(range(4))), np.int32)
+  imgs = jnp.stack([random_image(i, (5, 6, 3)) for i in range(len(orders))])
+  factors = jnp.array([1.4, 0.6, 1.7, 0.2])
+  got = jax.jit(jax.vmap(lambda x, o: augment.apply_color_jitter(
+      x, o, factors)))(imgs, orders)
+  ops = (augment.adjust_brightness, augment.adjust_contrast,
+         augment.adjust_saturation, augment.adjust_hue)
+  for img, order, out in zip(imgs, orders, got):
+    want = img
+    for j in order:
+      want = ops[j](want, factors[j])
+    np.testing.assert_allclose(out, want, atol=1e-6, err_msg=str(order))
+
+
+def test_jitter_lowers_without_scatter_or_float_remainder():
+  # XLA:CPU runs a scatter as a per-element loop and a float remainder as a
+  # libm call: the vmapped jitter (where every switch branch runs) had both.
+  fn = jax.vmap(lambda k, x: augment.color_jitter(k, x, 0.8, 0.8, 0.8, 0.2))
+  keys = jax.random.split(jax.random.key(0), 4)
+  hlo = jax.jit(fn).lower(keys, jnp.zeros((4, 8, 8, 3))).as_text()
+  assert "scatter" not in hlo
+  assert "stablehlo.remainder" not in hlo
+
+
+def test_wrap_equals_mod_on_its_range():
+  for period in (1.0, 6.0):
+    lo, hi = np.float32(-period), np.float32(2 * period)
+    x = np.concatenate([np.linspace(lo, hi, 10_001, dtype=np.float32)[1:-1],
+                        np.float32([-0.0, 0.0, period,
+                                    np.nextafter(np.float32(period), 0)]),
+                        np.nextafter(lo, 0)[None], np.nextafter(hi, 0)[None]])
+    got = np.asarray(jax.jit(augment._wrap, static_argnums=1)(x, period))
+    want = np.asarray(jnp.mod(x, period))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
 
 
 def test_jitter_parameter_distribution():

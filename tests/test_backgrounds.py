@@ -196,6 +196,7 @@ def test_config_mean_std_match_the_data(train_cache):
     assert std == pytest.approx(config.dataset.std[c], abs=1e-4)
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_two_builds_are_byte_identical(tmp_path):
   paths = []

@@ -60,6 +60,7 @@ def step_records():
               "--peak_flops=1e12", *extra)
 
 
+@pytest.mark.slow
 def test_step_throughput_jax(step_records):
   (r,) = [r for r in step_records if r["framework"] == "jax"]
   assert (r["method"], r["backbone"], r["image_size"], r["dtype"]) == (
@@ -72,6 +73,7 @@ def test_step_throughput_jax(step_records):
       r["flops_per_step_per_device"] / (r["median_ms"] / 1e3) / 1e12)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed (it is a "
                     "benchmark-only dependency: pip install -r "
                     "requirements-bench.txt)")
@@ -82,6 +84,7 @@ def test_step_throughput_torch_eager(step_records):
             "jax_over_torch_throughput")
 
 
+@pytest.mark.slow
 def test_input_pipeline_bench():
   records = _run("input_pipeline_bench.py", "--num_images=10",
                  "--num_classes=2", "--jpeg_size=160x120", "--image_size=32",
@@ -117,6 +120,7 @@ def test_input_pipeline_bench():
   _positive(aug, "ms_per_image", "median_ms")
 
 
+@pytest.mark.slow
 def test_loss_scaling():
   records = _run("loss_scaling.py", "--rows=32,64", "--dim=16",
                  "--devices=1,2", "--steps=2")
@@ -127,6 +131,7 @@ def test_loss_scaling():
     _positive(r, "temp_bytes", "median_ms", "full_sim_bytes")
 
 
+@pytest.mark.slow
 def test_conv_grad():
   args = ["--rows=2", "--image_size=8", "--width=4", "--steps=1"]
   if HAS_TORCH:
@@ -150,6 +155,7 @@ def test_conv_grad():
       assert set(r[fw]) == {"fwd", "dx", "dw"}
 
 
+@pytest.mark.slow
 def test_gate_cost():
   records = _run("gate_cost.py", "--variants=bayesncl_ste,ncl_topk",
                  "--rounds=2", "--steps_per_round=1", "--warmup=1",
@@ -188,6 +194,7 @@ def test_compare_methods_rewrites_markdown_from_json(tmp_path):
   assert "BayesNCL gate: `gumbel_sigmoid` as implemented when this ran" in md
 
 
+@pytest.mark.slow
 def test_gpu_sh_tiny(tmp_path):
   """bench/gpu.sh --tiny: the GPU suite at toy sizes on the CPU."""
   results = tmp_path / "RESULTS.md"
@@ -343,3 +350,19 @@ def test_gpu_ledger_sh_tiny(tmp_path):
   assert report["protocol"]["mechanism"]["selection_split"] == "train"
   assert "gate_open_rate_background_dims_when_active" in report
   assert "--config.model.width=4" in (ledger / "ledger.md").read_text()
+
+
+@pytest.mark.slow
+def test_step_profile_times_the_pieces():
+  # The cheap pieces (the whole step's compile is minutes on a loaded
+  # 2-core machine); the step itself is timed by test_step_throughput_jax.
+  records = _run("step_profile.py", "--batch_size=16", "--steps=1",
+                 "--warmup=0", "--config=configs/fashion_mnist.py:method=ncl",
+                 "--pieces=augment,forward,optimizer,loss", timeout=1200)
+  assert [r["piece"] for r in records] == [
+      "augment", "forward", "optimizer", "loss"]
+  for r in records:
+    _positive(r, "median_ms", "compile_s")
+  by = {r["piece"]: r for r in records}
+  # The network's forward does more work than the loss on its outputs.
+  assert by["forward"]["flops"] > by["loss"]["flops"] > 0

@@ -318,6 +318,7 @@ def test_prepare_imagenet100_resize_shorter(tmp_path):
   assert shapes == {(24, 16, 3), (16, 27, 3)}
 
 
+@pytest.mark.slow
 def test_prepare_imagenet100_reports_missing_classes(tmp_path):
   src = tmp_path / "src"
   classes_file = _make_folder(src, train_per_class=1, val_per_class=1)

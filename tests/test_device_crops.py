@@ -231,6 +231,7 @@ def test_device_pipeline_gives_the_host_pipeline_views():
       np.testing.assert_array_equal(a[key], b[key])
 
 
+@pytest.mark.slow
 def test_train_step_with_device_crops_matches_host_crops():
   source = _source()
   mesh = sharding.make_mesh(jax.devices()[:2])
@@ -255,6 +256,7 @@ def test_train_step_with_device_crops_matches_host_crops():
   assert losses["device"] == pytest.approx(losses["host"], rel=1e-2)
 
 
+@pytest.mark.slow
 def test_show_augmentations_with_device_crops():
   from bayesncl_jax import show_augmentations  # pylint: disable=g-import-not-at-top
   config = _config("device")

@@ -114,6 +114,7 @@ def test_default_selection_ks():
   assert evaluate.default_selection_ks(1) == (1,)
 
 
+@pytest.mark.slow
 def test_feature_selection_picks_the_planted_dims():
   rng = np.random.default_rng(4)
   d, n = 16, 1200
@@ -179,6 +180,7 @@ def tiny_report(tiny_workdir, tmp_path_factory):
   return evaluate.evaluate(str(tiny_workdir), options), out_dir
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_evaluate_end_to_end(tiny_report):
   report, out_dir = tiny_report
@@ -232,6 +234,7 @@ def test_evaluate_end_to_end(tiny_report):
     np.testing.assert_array_equal(source[int(idx)]["image"], image)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_report_equals_direct_calls_on_the_extracted_features(
     tiny_workdir, tiny_report):
@@ -290,6 +293,7 @@ def _none_if_nan(value):
   return None if math.isnan(value) else value
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_extracted_features_match_a_plain_forward(tiny_workdir):
   setup, state = evaluate.load_state(str(tiny_workdir))
@@ -372,6 +376,7 @@ def _head_step(h, labels, num_classes, lr):
   return -lr * grad_w, -lr * grad_b
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_augmented_probe_step_is_a_linear_step_on_frozen_h(tiny_workdir):
   setup, state = evaluate.load_state(str(tiny_workdir))
@@ -394,6 +399,7 @@ def test_augmented_probe_step_is_a_linear_step_on_frozen_h(tiny_workdir):
                variables["batch_stats"])
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_finetune_trains_the_backbone_in_train_mode(tiny_workdir):
   setup, state = evaluate.load_state(str(tiny_workdir))
@@ -428,6 +434,7 @@ def test_finetune_trains_the_backbone_in_train_mode(tiny_workdir):
   assert max(moved) > 0
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_finetune_and_augmented_probe_protocols_write_their_keys(
     tiny_workdir, tmp_path):
@@ -446,6 +453,7 @@ def test_finetune_and_augmented_probe_protocols_write_their_keys(
       (tmp_path / "report.json").read_text())
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_mechanism_end_to_end_with_a_nuisance_source(tiny_workdir, tmp_path,
                                                      monkeypatch):
@@ -496,6 +504,7 @@ def test_mechanism_end_to_end_with_a_nuisance_source(tiny_workdir, tmp_path,
   assert report["protocol"]["mechanism"]["scoring_split"] == "test"
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_missing_or_bad_checkpoint_errors_are_clear(tiny_workdir, tmp_path):
   with pytest.raises(FileNotFoundError, match="No config.json"):
@@ -523,6 +532,7 @@ def test_missing_or_bad_checkpoint_errors_are_clear(tiny_workdir, tmp_path):
     evaluate.load_state(str(corrupt), step=2)
 
 
+@pytest.mark.slow
 def test_command_line_reports_a_missing_checkpoint(tmp_path):
   (tmp_path / "config.json").write_text(
       _tiny_config().to_json_best_effort())

@@ -72,6 +72,7 @@ def test_knn_pool_is_the_train_split_and_never_the_query(tmp_path):
 # ----------------------------------------------------------------------------
 # Linear probe: h, not z.
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_linear_probe_reads_h_not_z(tmp_path):
   rng = np.random.default_rng(1)
   y, yt = rng.integers(0, 4, 400), rng.integers(0, 4, 200)
@@ -109,6 +110,7 @@ def _selection_features(rng, n, informative_dims, d=12):
   return {"z_raw": z_raw, "z": z, "label": y}
 
 
+@pytest.mark.slow
 def test_ncl_rule_ranks_on_the_train_split_with_its_formula(tmp_path):
   rng = np.random.default_rng(2)
   train = _selection_features(rng, 600, [3, 9])
@@ -131,6 +133,7 @@ def test_ncl_rule_ranks_on_the_train_split_with_its_formula(tmp_path):
   assert (tmp_path / "feature_selection.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_ncl_rule_probes_z_raw_and_gated_z_rule_probes_z(tmp_path):
   rng = np.random.default_rng(3)
   train = _selection_features(rng, 600, [3, 9])
@@ -190,6 +193,7 @@ def test_probe_schedules_by_hand():
     linear_probe.ProbeConfig(epochs=5, warmup_epochs=6)
 
 
+@pytest.mark.slow
 def test_probe_sgd_decays_weights_not_bias_and_lars_clips():
   params = {"w": np.full((2, 3), 2.0, np.float32),
             "b": np.full((3,), 2.0, np.float32)}
@@ -286,6 +290,7 @@ def _mechanism_features(rng, n):
           "label": y, "nuisance_background": bg}
 
 
+@pytest.mark.slow
 def test_mechanism_metrics_by_hand():
   rng = np.random.default_rng(5)
   train, test = _mechanism_features(rng, 400), _mechanism_features(rng, 200)
@@ -353,6 +358,7 @@ def test_mechanism_metrics_by_hand():
   assert "background_probe_top1_h" not in out
 
 
+@pytest.mark.slow
 def test_mechanism_evaluator_reads_the_dataset_nuisance_names(
     tmp_path, monkeypatch):
   rng = np.random.default_rng(6)
@@ -516,6 +522,7 @@ def test_command_line_flags_become_options():
   assert evaluate.options_from_flags(flags, cifar).probe is None
 
 
+@pytest.mark.slow
 def test_zeroed_columns_train_like_sliced_ones_with_lars_and_decay():
   rng = np.random.default_rng(9)
   x, y = rng.normal(size=(128, 6)), rng.integers(0, 3, 128)

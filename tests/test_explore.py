@@ -201,6 +201,7 @@ def test_run_names_are_unique():
   assert names == ["______x", "_i_", "run"]
 
 
+@pytest.mark.slow
 def test_screenshot_of_a_page(tmp_path):
   if not os.path.exists(CHROMIUM):
     pytest.skip("apt-get install -y chromium")
@@ -322,6 +323,7 @@ def _section(html_text, heading_start):
   return html_text[start:end if end > 0 else None]
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_site_pages_show_the_evaluated_features(tiny_runs, bayes_site):
   out, summary = bayes_site
@@ -392,6 +394,7 @@ def test_site_pages_show_the_evaluated_features(tiny_runs, bayes_site):
                                   source[int(shown_row)]["image"][..., 0])
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_saved_features_are_used_instead_of_a_forward(tiny_runs, tmp_path,
                                                       monkeypatch):
@@ -467,6 +470,7 @@ def test_saved_features_are_used_instead_of_a_forward(tiny_runs, tmp_path,
 # ----------------------------------------------------------------------------
 # Bad input.
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 @needs_fmnist
 def test_bad_input_gives_clear_errors(tiny_runs, tmp_path):
   good = tiny_runs("bayesncl")
@@ -504,6 +508,7 @@ def test_bad_input_gives_clear_errors(tiny_runs, tmp_path):
   assert not os.path.exists(out)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_command_line_exit_codes(tiny_runs, tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
@@ -602,6 +607,7 @@ def _column(driver, table_id, col):
       f".filter(r => !r.hidden).map(r => r.cells[{col}].textContent.trim());")
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_site_in_a_real_browser(bayes_site, browser):
   # pylint: disable=g-import-not-at-top
@@ -656,6 +662,7 @@ def test_site_in_a_real_browser(bayes_site, browser):
   assert size[0] > 0 and size[1] > 0
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_compare_three_methods(tiny_runs, tmp_path, browser):
   # pylint: disable-next=g-import-not-at-top

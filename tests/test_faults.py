@@ -173,6 +173,7 @@ def stopped(finished, tmp_path):
     {"optim.total_steps": 6},
     {"loss.temperature": 0.5, "log_every": 2},  # + a harmless one
 ])
+@pytest.mark.slow
 def test_resume_with_result_changing_config_is_refused(finished, tmp_path,
                                                        overrides):
   workdir = tmp_path / "run"
@@ -192,6 +193,7 @@ def test_resume_with_result_changing_config_is_refused(finished, tmp_path,
   assert snapshot(workdir) == before  # nothing written, nothing lost
 
 
+@pytest.mark.slow
 def test_resume_refusal_on_the_command_line(finished, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(finished, workdir)
@@ -205,6 +207,7 @@ def test_resume_refusal_on_the_command_line(finished, tmp_path):
   assert snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_harmless_change_resumes_and_is_noted(stopped):
   initial = (stopped / "config_initial.json").read_text()
   ckpt2 = snapshot(stopped / "checkpoints" / "2")
@@ -227,6 +230,7 @@ def test_harmless_change_resumes_and_is_noted(stopped):
       first["train_seconds"] + summary["segment_seconds"])
 
 
+@pytest.mark.slow
 def test_allow_config_change_is_recorded(stopped):
   initial = (stopped / "config_initial.json").read_text()
   summary = run(tiny_config(seed=7), stopped, allow_config_change=True)
@@ -260,6 +264,7 @@ def test_config_compare_classifies_fields():
 # ----------------------------------------------------------------------------
 # 2. Records: a finished run re-run, metrics rows after a crash.
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_rerun_of_finished_run_changes_nothing(finished, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(finished, workdir)
@@ -274,6 +279,7 @@ def test_rerun_of_finished_run_changes_nothing(finished, tmp_path):
       f"   tensorboard --logdir={workdir}/tensorboard")
 
 
+@pytest.mark.slow
 def test_killed_before_its_summary_gets_a_full_one(finished, tmp_path):
   """Killed between the last checkpoint and summary.json: the re-run trains
   nothing and writes the summary the finished run would have written."""
@@ -317,6 +323,7 @@ def _biggest_array_file(step_dir: pathlib.Path) -> pathlib.Path:
   return max(files, key=lambda p: p.stat().st_size)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_damaged_latest_checkpoint_falls_back(finished, tmp_path, damage):
   workdir = tmp_path / "run"
@@ -358,6 +365,7 @@ def test_damaged_latest_checkpoint_falls_back(finished, tmp_path, damage):
   assert integrity.verify(workdir / "checkpoints", 4)[0] == "intact"
 
 
+@pytest.mark.slow
 def test_no_intact_checkpoint_changes_nothing(finished, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(finished, workdir)
@@ -376,6 +384,7 @@ def test_no_intact_checkpoint_changes_nothing(finished, tmp_path):
   assert snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_disk_full_during_save_keeps_earlier_checkpoints(tmp_path,
                                                          monkeypatch):
   stopped = tmp_path / "run"  # a fresh run: checkpoint 2, then the disk fills
@@ -406,6 +415,7 @@ def test_disk_full_during_save_keeps_earlier_checkpoints(tmp_path,
 # ----------------------------------------------------------------------------
 # 5. Validation before the first step / the first feature.
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_missing_test_split_fails_before_step_1(tmp_path):
   data = tmp_path / "fmnist_train_only"
   data.mkdir()
@@ -422,6 +432,7 @@ def test_missing_test_split_fails_before_step_1(tmp_path):
   assert not workdir.exists()  # nothing trained, nothing written
 
 
+@pytest.mark.slow
 def test_read_only_workdir_fails_before_step_1(stopped):
   before = snapshot(stopped)
   with read_only(stopped):
@@ -442,6 +453,7 @@ def test_output_under_a_file_is_reported(tmp_path):
   assert list(tmp_path.iterdir()) == [tmp_path / "file"]  # nothing created
 
 
+@pytest.mark.slow
 def test_evaluate_checks_before_computing(finished, tmp_path, monkeypatch):
   workdir = tmp_path / "run"
   shutil.copytree(finished, workdir)
@@ -468,6 +480,7 @@ def test_evaluate_checks_before_computing(finished, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------
 # 6. Messages, not tracebacks.
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_config_mistakes_get_messages(tmp_path):
   workdir = tmp_path / "run"
   proc = run_cli("main", "--config=configs/fashion_mnist.py",
@@ -510,6 +523,7 @@ def test_suggestions_and_os_error_messages():
 # ----------------------------------------------------------------------------
 # The NaN guard.
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_nan_at_a_known_step_after_a_checkpoint(tmp_path, monkeypatch):
   """The online classifier's weights become NaN before step 3."""
   real = train.make_train_step

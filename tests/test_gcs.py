@@ -210,6 +210,9 @@ def test_tensorboard_events_reach_the_bucket_through_public_apis(gcs, prefix):
   assert not os.path.exists(local_dir)       # the local copy is cleaned up.
 
 
+
+
+@pytest.mark.slow
 def test_imagenet100_converted_to_and_read_from_the_bucket(gcs, prefix,
                                                            tmp_path):
   src = tmp_path / "src"
@@ -246,6 +249,7 @@ def test_imagenet100_converted_to_and_read_from_the_bucket(gcs, prefix,
 # ----------------------------------------------------------------------------
 # One process: pre-train, SIGKILL, resume, evaluate, all on the bucket.
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 @needs_fmnist
 def test_train_kill_resume_evaluate_on_the_bucket(gcs, prefix, tmp_path,
                                                   monkeypatch):
@@ -336,6 +340,7 @@ def run_main_evaluate(workdir):
       timeout=600)
 
 
+@pytest.mark.slow
 def test_bad_workdir_fails_before_training(gcs):
   overrides = {"optim.total_steps": 2, "optim.batch_size": 16}
   proc = run_main("gs://no-such-bucket/run", overrides, check=False)
@@ -420,6 +425,7 @@ def _final_state(workdir):
     mngr.close()
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_two_processes_write_one_checkpoint_to_the_bucket(gcs, pod):
   job = pod["straight"]
@@ -435,6 +441,7 @@ def test_two_processes_write_one_checkpoint_to_the_bucket(gcs, pod):
   assert not (ROOT / "gs:").exists()
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_sigterm_to_one_process_stops_the_pod_at_one_step(gcs, pod):
   """SIGTERM reaches process 1 only (as when one host of a slice gets the
@@ -471,6 +478,7 @@ def test_sigterm_to_one_process_stops_the_pod_at_one_step(gcs, pod):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_tfds_build_is_read_from_the_bucket(gcs, prefix, tmp_path):
   """A TFDS ArrayRecord build uploaded to the bucket is read from there
   (the CIFAR recipe of launch/README.md). TFDS's DummyDataset: integer

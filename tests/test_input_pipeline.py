@@ -220,6 +220,7 @@ def test_process_rows_are_disjoint_covering_and_reshuffled(monkeypatch):
         process_count=1)
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_checkpoint_restore_resumes_identically_with_0_and_2_workers(
     tmp_path):

@@ -171,6 +171,7 @@ def test_architecture_is_inferred_and_names_round_trip(block, layers, cifar,
     np.testing.assert_array_equal(value, original[name], err_msg=name)
 
 
+@pytest.mark.slow
 def test_imagenet_stem_bottleneck_forward_matches_torch():
   """Eval-mode forward of a ResNet-50-style net: stride-2 3x3 convs pad
   (1, 1) as torch does, the 7x7 stem and the max-pool too."""
@@ -287,6 +288,7 @@ def test_not_a_torch_file_is_one_clear_error(tmp_path):
 # ----------------------------------------------------------------------------
 # End to end: the authors' .ckpt -> CLI -> evaluate report -> more training.
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 @needs_fmnist
 def test_authors_style_ckpt_imports_with_the_cli_and_evaluates(tmp_path):
   # Written the way Lightning does: weights under "state_dict", beside the
@@ -362,6 +364,7 @@ def _fmnist_images(split, n):
   return np.stack([source[i]["image"] for i in range(n)])
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_fashion_mnist_features_match_torch_and_export_round_trips(tmp_path):
   config = _fmnist_config(**{"model.stage_sizes": ()})  # full ResNet-18.

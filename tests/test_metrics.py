@@ -480,6 +480,7 @@ def test_report_keys_and_values_small():
       abs=1e-6)
 
 
+@pytest.mark.slow
 def test_report_runs_at_imagenet100_size():
   rng = np.random.default_rng(5)
   n, d, c = 5000, 2048, 100

@@ -304,6 +304,7 @@ def _param_count(tree):
     ("resnet18", "cifar", 32, 11_176_512 - 9408 + 1728),
     ("resnet50", "imagenet", 224, 23_508_032),
 ])
+@pytest.mark.slow
 def test_resnet_parameter_counts_and_feature_dims(name, stem, size, expected):
   net = models.ResNet(name, 64, stem)
   x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
@@ -342,6 +343,7 @@ def test_model_outputs(method):
     assert np.all(np.asarray(out["z"]) >= 0)
 
 
+@pytest.mark.slow
 def test_gate_gives_backbone_no_gradient_and_classifier_none():
   model = _tiny("bayesncl", non_neg="relu", gate_type="ste")
   x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
@@ -522,6 +524,7 @@ def init_params():
   return out
 
 
+@pytest.mark.slow
 def test_torch_init_matches_pytorch(init_params):
   p = init_params["torch"]
   # Conv: kaiming-normal, fan_out = out_channels * 3 * 3, std sqrt(2/fan_out).
@@ -553,6 +556,7 @@ def test_torch_init_matches_pytorch(init_params):
     np.testing.assert_allclose(w.std(), bound / math.sqrt(3), rtol=0.05)
 
 
+@pytest.mark.slow
 def test_flax_init_zero_inits_last_bn_and_bias(init_params):
   p = init_params["flax"]
   block = p["backbone"]["BasicBlock_0"]

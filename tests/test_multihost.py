@@ -220,6 +220,7 @@ def scaled(tmp_path_factory, cache):
           "reads": root / "reads"}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(scaled):
   """Same global batches and config: same loss curve, same parameters.
 
@@ -247,6 +248,7 @@ def test_two_processes_match_one_process(scaled):
     np.testing.assert_allclose(s_two[key], s_one[key], rtol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow
 def test_only_process_zero_writes_but_all_checkpoint(scaled):
   two = scaled["two"]
   # Both processes appending would give every step twice.
@@ -267,6 +269,7 @@ def test_only_process_zero_writes_but_all_checkpoint(scaled):
         two.output(i)), two.tail()
 
 
+@pytest.mark.slow
 def test_processes_read_disjoint_examples(scaled):
   reads = [set(json.loads((scaled["reads"] / f"process_{i}.json")
                           .read_text())) for i in range(2)]
@@ -275,6 +278,7 @@ def test_processes_read_disjoint_examples(scaled):
   assert not reads[0] & reads[1]
 
 
+@pytest.mark.slow
 def test_two_process_checkpoint_resumes_on_one_process(scaled):
   """Pod resized: 2 processes' step-3 checkpoint, continued by 1 process.
 
@@ -329,6 +333,7 @@ def _direct_forward(workdir: Path):
   return jax.device_get(out), labels
 
 
+@pytest.mark.slow
 def test_two_process_online_eval_equals_a_direct_computation(scaled):
   """summary.json of the 2-process run vs a plain forward of its state.
 
@@ -347,6 +352,7 @@ def test_two_process_online_eval_equals_a_direct_computation(scaled):
                                err_msg=key)
 
 
+@pytest.mark.slow
 def test_two_process_evaluation_equals_one_process(evaluated):
   """Each process extracts its strided share; together, the 1-process set."""
   one, two = ({k: v for k, v in json.loads((evaluated[name] / "report.json")
@@ -365,6 +371,7 @@ def test_two_process_evaluation_equals_one_process(evaluated):
     np.testing.assert_array_equal(grids[1][key], grids[0][key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_evaluate_flags_reach_the_knn_classifier(evaluated, scaled):
   config = train.load_config(scaled["two"].workdir)
   source = datasets.get_source(config.dataset, config.dataset.eval_split)
@@ -397,6 +404,7 @@ def elastic(tmp_path_factory, cache):
   return full, resumed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [4, 1])
 def test_resume_on_fewer_devices_sees_the_same_data(elastic, devices):
   """Steps 4-6 after the restore == steps 4-6 of the uninterrupted run.
@@ -431,6 +439,7 @@ def test_resume_on_fewer_devices_sees_the_same_data(elastic, devices):
 # ----------------------------------------------------------------------------
 # 3. A peer that never starts: a clear error, not a hang or a crash.
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_missing_peer_fails_with_a_clear_timeout_error(tmp_path):
   """--distributed_timeout=10 with one or more processes never started.
 

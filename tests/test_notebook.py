@@ -118,6 +118,7 @@ def test_dtype_follows_the_gpu():
     assert ns["compute_dtype"](gpu) == dtype, gpu
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not pathlib.Path("/usr/share/datasets/fashion-mnist")
                     .exists(), reason="apt-get install -y dataset-fashion-mnist")
 def test_notebook_runs_top_to_bottom_in_a_jupyter_kernel(tmp_path,

@@ -121,6 +121,7 @@ def _direct(setup, state, images, labels):
   return correct, zero, open_
 
 
+@pytest.mark.slow
 def test_online_eval_equals_a_direct_computation():
   config = _config("bayesncl")
   assert config.dataset.eval_split == "test"

@@ -138,6 +138,7 @@ def _gumbel_noise(record):
   return np.log(p / (1 - p)) * GATE_TEMPERATURE - logits
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_consecutive_steps_draw_new_augmentations_and_gate_noise(steps):
   step0, step1, _ = steps["records"]
@@ -153,6 +154,7 @@ def test_consecutive_steps_draw_new_augmentations_and_gate_noise(steps):
   assert np.mean(np.abs(g0 - g1) > 1e-3) > 0.9
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_the_two_views_of_an_image_get_different_augmentations(steps):
   for record in steps["records"][:2]:
@@ -161,6 +163,7 @@ def test_the_two_views_of_an_image_get_different_augmentations(steps):
     assert np.all(per_image > 1e-3), per_image
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_a_resumed_step_redraws_exactly_the_same_randomness(steps):
   _, step1, resumed = steps["records"]
@@ -173,6 +176,7 @@ def test_a_resumed_step_redraws_exactly_the_same_randomness(steps):
     np.testing.assert_array_equal(m1[k], m1_resumed[k], err_msg=k)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_step_loss_holds_the_kl_term_at_its_weight(steps):
   for m in steps["metrics"]:
@@ -183,6 +187,7 @@ def test_step_loss_holds_the_kl_term_at_its_weight(steps):
                                rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_step_gate_open_rate_is_the_sampled_mask(steps):
   for record, m in zip(steps["records"], steps["metrics"]):

@@ -228,11 +228,13 @@ def _reproduce(out, *extra):
   cmd = [sys.executable, "-m", "bayesncl_jax.reproduce",
          "--config=configs/fashion_mnist.py", "--seeds=0,1", "--steps=2",
          f"--out={out}", "--variants=ncl,bayesncl_ste",
+         f"--compilation_cache={out.parent / 'jax_cache'}",
          "--eval_flags=--max_examples=64 --linear_epochs=1", *TINY, *extra]
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=900)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FMNIST.exists(),
                     reason="apt-get install -y dataset-fashion-mnist")
 def test_grid_end_to_end_skips_and_resumes(tmp_path):
@@ -263,7 +265,8 @@ def test_grid_end_to_end_skips_and_resumes(tmp_path):
   md = (out / "ledger.md").read_text()
   assert "| bayesncl_ste |" in md and "Paired difference to NCL" in md
   assert (out / "ledger.png").stat().st_size > 1000
-  assert list((out / "jax_cache").iterdir())  # the shared compile cache
+  # The runs' shared compile cache.
+  assert list((out.parent / "jax_cache").iterdir())
 
   # Interrupted after its last checkpoint (no summary, no report): only
   # that run trains (resuming) and is evaluated again.

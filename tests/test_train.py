@@ -63,6 +63,7 @@ def run_main(workdir, overrides, *, extra=(), check=True, timeout=600):
   return proc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "imagenet100"])
 def test_config_runs_two_steps_on_mock_data(name, tmp_path):
   config = load_config(
@@ -82,6 +83,7 @@ def test_config_runs_two_steps_on_mock_data(name, tmp_path):
   assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
 
 
+@pytest.mark.slow
 @needs_fmnist
 @pytest.mark.parametrize("method", ["cl", "ncl"])
 def test_fashion_mnist_config_runs_each_method(method, tmp_path):
@@ -94,6 +96,7 @@ def test_fashion_mnist_config_runs_each_method(method, tmp_path):
   assert ("train_kl" in summary) is False
 
 
+@pytest.mark.slow
 @needs_fmnist
 @pytest.mark.parametrize("arg", [
     "method=ncl_topk,top_k=3",
@@ -153,6 +156,7 @@ def test_topk_short_row_frac_counts_rows_short_of_k_positives():
   assert float(metrics["topk_short_row_frac"]) == pytest.approx(short.mean())
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_real_fashion_mnist_learns_checkpoints_and_resumes(tmp_path):
   overrides = {"optim.total_steps": 40, "optim.batch_size": 64,
@@ -187,6 +191,7 @@ def _equal_params(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_sigkill_resume_is_bitwise_identical(tmp_path):
   # Killed after step k, whose rows are logged, but the newest checkpoint is
@@ -239,6 +244,7 @@ def _python_pids_under(workdir) -> list[int]:
   return pids
 
 
+@pytest.mark.slow
 @needs_fmnist
 @pytest.mark.parametrize("how, signum", [
     ("main", signal.SIGTERM), ("main", signal.SIGHUP),
@@ -286,6 +292,7 @@ def test_sigterm_saves_and_exits_with_the_preemption_code(tmp_path, how,
   assert leftover == []
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_corrupt_or_incompatible_checkpoint_is_a_clear_error(tmp_path):
   overrides = {"optim.total_steps": 2, "optim.batch_size": 16,
@@ -364,6 +371,7 @@ def test_corrupt_or_incompatible_checkpoint_is_a_clear_error(tmp_path):
                              allow_config_change=True, trust_unsealed=True)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_train_step_on_8_devices_equals_1_device():
   if jax.device_count() < 8:
