@@ -166,6 +166,11 @@ def main(argv=None):
   from bayesncl_jax import conv  # pylint: disable=g-import-not-at-top
   shapes = model_convs(args.model, args.rows, args.image_size,
                        args.in_channels)
+  common.emit({"bench": "conv_grad_shapes", "model": args.model,
+               "shapes": [{"x_shape": k[0], "w_shape": k[1], "strides": k[2],
+                           "padding": k[3], "uses": u}
+                          for k, u in shapes.items()]},
+              f"{args.model}: {len(shapes)} distinct convolutions")
   only = {int(i) for i in args.only.split(",") if i}
   totals = collections.Counter()
   for idx, ((x_shape, w_shape, strides, padding), uses) in enumerate(
