@@ -28,11 +28,10 @@ by one of three formulations per shape:
            scatter-add).
   xla      XLA's own transpose convolutions.
 
-XLA:CPU lowers dw of a stride-1 3×3 convolution as a convolution with the
-input channels as batch and the whole image as window, 14–17× its forward
-(bench/RESULTS.md §2). `auto` takes, per (dw | dx, shape), the formulation
-`bench/conv_grad.py` measured fastest; the rule is `choose()` and its
-numbers are in bench/RESULTS.md §2.
+`auto` takes, per (dw | dx, shape), the formulation `bench/conv_grad.py`
+measured fastest: the rule is `choose()`, its numbers bench/RESULTS.md §2b
+(matmuls for the few-channel stem and the 1×1 shortcuts, where XLA:CPU is
+3–12× slower; XLA's own for the wider 3×3 layers, where it is faster).
 
 Sums are accumulated in float32 and cast once to the operand's dtype
 (bfloat16 included). A convolution the custom path cannot serve (grouped,
