@@ -23,6 +23,7 @@ STEM_PADDINGS = (0, 1, 2)
 INITS = ("torch", "flax")
 BN_VIEWS = ("separate", "joint")
 DTYPES = ("float32", "bfloat16")
+CONV_IMPLS = ("auto", "xla", "per_tap", "im2col")  # == conv.CONV_IMPLS
 CROP_ON = ("host", "device")
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagenet100",
             "fashion_mnist_backgrounds")
@@ -96,6 +97,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.top_k = 32
   c.model.non_neg = "rep_relu"  # ignored (forced "none") for method=cl.
   c.model.dtype = "float32"  # compute dtype; params are always float32.
+  # The encoders' convolution gradients on the CPU backend (bayesncl_jax/
+  # conv.py): auto = the formulation bench/conv_grad.py measured fastest per
+  # shape; xla = XLA's own; per_tap / im2col force one formulation. Other
+  # backends (GPU, TPU) always use XLA's convolution, whatever this says.
+  c.model.conv_impl = "auto"
 
   c.gate = ml_collections.ConfigDict()  # used by method=bayesncl only.
   # ste (authors' default, the paper's headline) | gumbel_sigmoid (binary
@@ -382,6 +388,7 @@ def validate(config, num_devices: int | None = None) -> None:
   _choice(config, "model.init", INITS)
   _choice(config, "model.bn_views", BN_VIEWS)
   _choice(config, "model.dtype", DTYPES)
+  _choice(config, "model.conv_impl", CONV_IMPLS)
   _choice(config, "dataset.name", DATASETS)
   _choice(config, "gate.type", GATE_TYPES)
   _choice(config, "gate.eval_mode", GATE_MODES)

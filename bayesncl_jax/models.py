@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bayesncl_jax import conv as conv_lib
+
 # The same eps guards the L2 normalisation everywhere (docs/method.md §2.3).
 NORM_EPS = 1e-12
 # The noise constant of the authors' Gumbel-sigmoid (docs/method.md §2).
@@ -334,6 +336,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   stem_padding: int = 2
   init_scheme: str = "torch"
+  conv_impl: str = "auto"
 
   @property
   def feature_dim(self) -> int:
@@ -355,7 +358,9 @@ class ResNet(nn.Module):
       kw.setdefault("padding", [((k - 1) // 2, (k - 1) // 2)
                                 for k in kernel_size])
       return nn.Conv(features, kernel_size, strides, use_bias=False,
-                     dtype=self.dtype, kernel_init=_conv_init(), **kw)
+                     dtype=self.dtype, kernel_init=_conv_init(),
+                     conv_general_dilated=conv_lib.conv_fn(self.conv_impl),
+                     **kw)
 
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=0.9, epsilon=1e-5, dtype=self.dtype)
@@ -446,12 +451,14 @@ class ContrastiveModel(nn.Module):
   dtype: Any = jnp.float32
   stem_padding: int = 2
   init_scheme: str = "torch"
+  conv_impl: str = "auto"
 
   def setup(self):
     self.encoder = ResNet(self.backbone, self.width, self.stem,
                           self.stage_sizes, self.dtype,
                           stem_padding=self.stem_padding,
-                          init_scheme=self.init_scheme, name="backbone")
+                          init_scheme=self.init_scheme,
+                          conv_impl=self.conv_impl, name="backbone")
     self.projector = MLP(self.proj_hidden, self.proj_out, self.dtype,
                          self.init_scheme, name="projector")
     if self.method == "bayesncl":
@@ -508,4 +515,4 @@ def model_from_config(config, stage_sizes: Sequence[int] | None = None):
       gate_train_mode=g.train_mode, gate_isolate=bool(g.isolate),
       gate_depth=g.depth, top_k=m.top_k,
       dtype=jnp.dtype(m.dtype), stem_padding=m.stem_padding,
-      init_scheme=m.init)
+      init_scheme=m.init, conv_impl=m.conv_impl)

@@ -80,7 +80,7 @@ def parse_records(text: str) -> list[dict[str, Any]]:
 
 def time_calls(fn: Callable[[], Any], *, warmup: int, steps: int,
                sync: Callable[[Any], Any]) -> dict[str, float]:
-  """Median / min / mean wall time in ms of `fn()` over `steps` calls.
+  """Median / min / mean wall time (and median CPU time) in ms of `fn()`.
 
   `sync(result)` must block until the work is done (block_until_ready for
   JAX, cuda.synchronize or nothing for eager CPU PyTorch): asynchronous
@@ -89,13 +89,17 @@ def time_calls(fn: Callable[[], Any], *, warmup: int, steps: int,
   """
   for _ in range(warmup):
     sync(fn())
-  times = []
+  times, cpu = [], []
   for _ in range(steps):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     sync(fn())
     times.append((time.perf_counter() - t0) * 1e3)
+    cpu.append((time.process_time() - c0) * 1e3)
+  # cpu_median_ms: process CPU time (user + system, all threads) per call —
+  # what the call cost the machine, less sensitive to other users' load.
   return {"median_ms": statistics.median(times), "min_ms": min(times),
-          "mean_ms": statistics.fmean(times), "timed_steps": steps}
+          "mean_ms": statistics.fmean(times),
+          "cpu_median_ms": statistics.median(cpu), "timed_steps": steps}
 
 
 def xla_cost(compiled) -> dict[str, float | None]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import statistics
 import sys
 import time
 from unittest import mock
@@ -64,12 +65,17 @@ def parse_args(argv=None):
                  help="Also time bench/torch_step.py's step (eager and "
                       "torch.compile) and print the JAX/PyTorch ratio.")
   p.add_argument("--torch_variants", default="eager,compile")
+  p.add_argument("--conv_impls", default="auto",
+                 help="Comma list of model.conv_impl values (auto, xla, "
+                      "per_tap, im2col); with more than one, their steps are "
+                      "compiled side by side and timed interleaved, one step "
+                      "of each per round.")
   p.add_argument("--num_devices", type=int, default=0,
                  help="> 0: simulate this many CPU devices (sets XLA_FLAGS).")
   return p.parse_args(argv)
 
 
-def make_config(method, backbone, size, dtype, args):
+def make_config(method, backbone, size, dtype, args, conv_impl="auto"):
   from bayesncl_jax import config_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.base_config()
   c.method = method
@@ -85,6 +91,7 @@ def make_config(method, backbone, size, dtype, args):
   c.model.proj_hidden = args.proj_hidden
   c.model.proj_out = args.proj_out
   c.model.dtype = dtype
+  c.model.conv_impl = conv_impl
   c.gate.type = args.gate_type
   c.aug.blur_prob = 0.0 if size < 64 else 0.5  # as the configs/ files.
   c.optim.batch_size = args.batch_size
@@ -92,8 +99,8 @@ def make_config(method, backbone, size, dtype, args):
   return c
 
 
-def bench_jax(config, args) -> dict:
-  """Compiles and times one configuration; returns the measured record."""
+def compile_jax(config) -> dict:
+  """Builds and compiles one configuration's step; returns its pieces."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from bayesncl_jax import datasets, sharding, train  # pylint: disable=g-import-not-at-top
@@ -117,16 +124,39 @@ def bench_jax(config, args) -> dict:
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, rng).compile()
   compile_s = time.perf_counter() - t0
-
   holder = {"state": state}
 
   def run():
     holder["state"], metrics = compiled(holder["state"], batch, rng)
     return metrics["loss"]
+  return {"config": config, "mesh": mesh, "compiled": compiled,
+          "compile_s": compile_s, "run": run}
 
-  timing = common.time_calls(run, warmup=args.warmup, steps=args.steps,
-                             sync=lambda x: x.block_until_ready())
-  n_dev = mesh.size
+
+def time_interleaved(runs, *, warmup: int, steps: int) -> list[dict]:
+  """Times the `run()`s one step each per round; per run: median/min/mean
+  wall ms and median process CPU ms (user + system, all threads) per step."""
+  for run in runs:
+    for _ in range(warmup):
+      run().block_until_ready()
+  wall = [[] for _ in runs]
+  cpu = [[] for _ in runs]
+  for _ in range(steps):
+    for i, run in enumerate(runs):
+      t0, c0 = time.perf_counter(), time.process_time()
+      run().block_until_ready()
+      wall[i].append((time.perf_counter() - t0) * 1e3)
+      cpu[i].append((time.process_time() - c0) * 1e3)
+  return [{"median_ms": statistics.median(w), "min_ms": min(w),
+           "mean_ms": statistics.fmean(w), "cpu_median_ms":
+           statistics.median(c), "timed_steps": steps}
+          for w, c in zip(wall, cpu)]
+
+
+def jax_record(built: dict, timing: dict, args) -> dict:
+  config, compiled = built["config"], built["compiled"]
+  b, s = config.optim.batch_size, config.dataset.image_size
+  n_dev = built["mesh"].size
   cost = common.xla_cost(compiled)
   mem = common.xla_memory(compiled)
   sec = timing["median_ms"] / 1e3
@@ -134,12 +164,13 @@ def bench_jax(config, args) -> dict:
   mfu = (flops / sec / args.peak_flops
          if flops and args.peak_flops else None)
   return {
-      "framework": "jax", "variant": "jit",
+      "framework": "jax", "variant": f"jit/conv_impl={config.model.conv_impl}",
+      "conv_impl": config.model.conv_impl,
       "method": config.method, "backbone": config.model.backbone,
       "image_size": s, "dtype": config.model.dtype,
       "stem": config.model.stem, "global_batch": b, "num_devices": n_dev,
       "images_per_sec_per_device": b / sec / n_dev,
-      "compile_s": compile_s, **timing,
+      "compile_s": built["compile_s"], **timing,
       # FLOPs of the per-device SPMD program, i.e. per device per step.
       "flops_per_step_per_device": flops,
       "model_tflops_per_sec_per_device": flops / sec / 1e12 if flops else None,
@@ -152,7 +183,8 @@ def readable(r: dict) -> str:
   flops = r.get("flops_per_step_per_device")
   return (f"{r['framework']}/{r['variant']} {r['method']} {r['backbone']} "
           f"{r['image_size']}px {r['dtype']} B={r['global_batch']} "
-          f"dev={r['num_devices']}: {r['median_ms']:.1f} ms/step, "
+          f"dev={r['num_devices']}: {r['median_ms']:.1f} ms/step "
+          f"(cpu {r.get('cpu_median_ms', float('nan')):.0f} ms), "
           f"{r['images_per_sec_per_device']:.1f} img/s/dev, compile "
           f"{r['compile_s']:.1f} s, peak {common.mib(r.get('peak_bytes'))}, "
           f"{'n/a' if not flops else f'{flops / 1e9:.1f} GFLOP'}/step, "
@@ -165,14 +197,24 @@ def main(argv=None):
     common.set_host_device_count(args.num_devices)
   import jax  # pylint: disable=g-import-not-at-top,unused-import
 
-  jax_records = []
+  jax_records = []  # one per (method, backbone, size, dtype): the first impl
   for method, backbone, size, dtype in itertools.product(
       args.methods.split(","), args.backbones.split(","),
       [int(x) for x in args.image_sizes.split(",")], args.dtypes.split(",")):
-    config = make_config(method, backbone, size, dtype, args)
-    r = bench_jax(config, args)
-    jax_records.append(r)
-    common.emit(r, readable(r))
+    built = [compile_jax(make_config(method, backbone, size, dtype, args, impl))
+             for impl in args.conv_impls.split(",")]
+    timings = time_interleaved([b["run"] for b in built], warmup=args.warmup,
+                               steps=args.steps)
+    records = [jax_record(b, t, args) for b, t in zip(built, timings)]
+    for r in records:
+      extra = ""
+      if r is not records[0]:
+        r["speedup_vs_first_conv_impl"] = (records[0]["median_ms"]
+                                           / r["median_ms"])
+        extra = (f"; {r['speedup_vs_first_conv_impl']:.2f}x the step of "
+                 f"conv_impl={records[0]['conv_impl']}")
+      common.emit(r, readable(r) + extra)
+    jax_records.append(records)
 
   if not args.torch:
     return
@@ -182,7 +224,8 @@ def main(argv=None):
     print(f"--torch: PyTorch is not importable ({e}); `pip install -r "
           "requirements-bench.txt`.", file=sys.stderr)
     sys.exit(2)
-  for jr in jax_records:
+  for records in jax_records:
+    jr = records[0]
     for variant in args.torch_variants.split(","):
       tr = torch_step.bench(
           method=jr["method"], backbone=jr["backbone"],
@@ -194,10 +237,12 @@ def main(argv=None):
           peak_flops=args.peak_flops,
           flops_per_step=jr["flops_per_step_per_device"])
       # > 1 means JAX processes more images per second than PyTorch.
-      tr["jax_over_torch_throughput"] = (
-          jr["images_per_sec_per_device"] / tr["images_per_sec_per_device"])
-      common.emit(tr, readable(tr) + f"; JAX/PyTorch throughput = "
-                  f"{tr['jax_over_torch_throughput']:.2f}x")
+      ratios = {r["conv_impl"]: r["images_per_sec_per_device"]
+                / tr["images_per_sec_per_device"] for r in records}
+      tr["jax_over_torch_throughput"] = ratios[jr["conv_impl"]]
+      tr["jax_over_torch_throughput_by_conv_impl"] = ratios
+      common.emit(tr, readable(tr) + "; JAX/PyTorch throughput = " + ", ".join(
+          f"{v:.2f}x (conv_impl={k})" for k, v in ratios.items()))
 
 
 if __name__ == "__main__":

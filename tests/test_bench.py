@@ -133,27 +133,39 @@ def test_loss_scaling():
 
 @pytest.mark.slow
 def test_conv_grad():
-  args = ["--rows=2", "--image_size=8", "--width=4", "--steps=1"]
+  # Every shape is listed; two (the stem and a 1x1 shortcut) are timed.
+  args = ["--model=width8", "--rows=2", "--image_size=8", "--repeats=1",
+          "--warmup=0", "--only=0,4"]
   if HAS_TORCH:
     args.append("--torch")
   records = _run("conv_grad.py", *args)
+  (listed,) = [r for r in records if r["bench"] == "conv_grad_shapes"]
+  # Width 8, stages (1, 1, 1), cifar stem padding 2: 8 px -> 10 -> 5 -> 3.
+  assert [(r["x_shape"], r["w_shape"], r["strides"], r["padding"][0],
+           r["uses"]) for r in listed["shapes"]] == [
+              ([2, 8, 8, 3], [3, 3, 3, 8], [1, 1], [2, 2], 1),
+              ([2, 10, 10, 8], [3, 3, 8, 8], [1, 1], [1, 1], 2),
+              ([2, 10, 10, 8], [3, 3, 8, 16], [2, 2], [1, 1], 1),
+              ([2, 5, 5, 16], [3, 3, 16, 16], [1, 1], [1, 1], 1),
+              ([2, 10, 10, 8], [1, 1, 8, 16], [2, 2], [0, 0], 1),
+              ([2, 5, 5, 16], [3, 3, 16, 32], [2, 2], [1, 1], 1),
+              ([2, 3, 3, 32], [3, 3, 32, 32], [1, 1], [1, 1], 1),
+              ([2, 5, 5, 16], [1, 1, 16, 32], [2, 2], [0, 0], 1)]
   layers = [r for r in records if r["bench"] == "conv_grad"]
-  # Stem + (first, other) conv per stage; 8x8 halves at stages 2-4.
-  assert [(r["spatial"], r["c_in"], r["c_out"], r["stride"], r["count"])
-          for r in layers] == [
-              (8, 3, 4, 1, 1), (8, 4, 4, 1, 1), (8, 4, 4, 1, 3),
-              (8, 4, 8, 2, 1), (4, 8, 8, 1, 3), (4, 8, 16, 2, 1),
-              (2, 16, 16, 1, 3), (2, 16, 32, 2, 1), (1, 32, 32, 1, 3)]
-  (total,) = [r for r in records if r["bench"] == "conv_grad_total"]
-  _positive(total["jax"], "fwd", "dx", "dw")
-  if HAS_TORCH:
-    # PyTorch's dx/dw are (forward + gradient) - forward: may round to 0.
-    _positive(total["torch"], "fwd")
-    assert total["torch"]["dx"] >= 0 and total["torch"]["dw"] >= 0
+  assert [r["index"] for r in layers] == [0, 4]
+  from bayesncl_jax import conv  # pylint: disable=g-import-not-at-top
   for r in layers:
-    for fw in ["jax"] + (["torch"] if HAS_TORCH else []):
-      assert set(r[fw]) == {"fwd", "dx", "dw"}
-
+    assert set(r["timing"]) == {"fwd"} | {f"{g}_{i}" for g in ("dw", "dx")
+                                          for i in conv.GRAD_IMPLS}
+    for t in r["timing"].values():
+      _positive(t, "ms")
+    assert [r["auto"]["dw"], r["auto"]["dx"]] == list(conv.choose(
+        tuple(r["x_shape"]), tuple(r["w_shape"]), tuple(r["strides"])))
+    if HAS_TORCH:
+      assert set(r["torch"]) == {"fwd", "dx", "dw"}
+  (total,) = [r for r in records if r["bench"] == "conv_grad_total"]
+  _positive(total, "fwd", "dw_xla", "dw_auto", "dx_xla", "dx_auto")
+  assert total["dw_best"] <= min(total["dw_xla"], total["dw_auto"])
 
 @pytest.mark.slow
 def test_gate_cost():

@@ -74,6 +74,8 @@ def test_unknown_config_argument():
     ("model.init", "xavier", "config.model.init='xavier'.*'torch', 'flax'"),
     ("model.bn_views", "both", "config.model.bn_views='both'.*'separate', "
      "'joint'"),
+    ("model.conv_impl", "cudnn", "config.model.conv_impl='cudnn'.*'auto', "
+     "'xla', 'per_tap', 'im2col'"),
 ])
 def test_bad_values_name_field_and_fix(field, value, match):
   config = config_lib.base_config()
