@@ -66,7 +66,7 @@ def test_precedence_flag_then_ours_then_jax_env(clean_env, tmp_path):
 def test_paths_are_absolute_and_buckets_kept(clean_env, tmp_path):
   clean_env.chdir(tmp_path)
   assert cli.compilation_cache_dir("rel/cache") == str(tmp_path / "rel/cache")
-  assert cli.compilation_cache_dir("gs://b/jax_cache") == "gs://b/jax_cache"
+  assert cli.compilation_cache_dir("gs://bucket/jax_cache") == "gs://bucket/jax_cache"
 
 
 def test_warm_process_loads_from_the_cache(tmp_path, restore_jax_cache):

@@ -31,6 +31,8 @@ from bayesncl_jax import augment
 from bayesncl_jax import config_lib
 from bayesncl_jax import datasets
 from bayesncl_jax import input_pipeline
+from bayesncl_jax import integrity
+from bayesncl_jax import run_record
 from bayesncl_jax import sharding
 from bayesncl_jax import train
 
@@ -174,7 +176,9 @@ def restored_state(workdir: Path, step: int):
 
 
 def copy_checkpoint(src: Path, dst: Path, step: int) -> None:
-  """A fresh workdir holding only `src`'s checkpoint of `step`.
+  """A fresh workdir holding `src`'s checkpoint of `step`, its integrity
+  manifest and the run's recorded configs (what an interrupted run leaves;
+  a resume refuses a run without them).
 
   The checkpoint an interrupted run leaves at `step` is the one the
   uninterrupted run wrote at `step` (the loop is deterministic), so this is
@@ -182,6 +186,10 @@ def copy_checkpoint(src: Path, dst: Path, step: int) -> None:
   """
   shutil.copytree(src / "checkpoints" / str(step),
                   dst / "checkpoints" / str(step))
+  manifest = f"{step}{integrity.MANIFEST_SUFFIX}"
+  shutil.copy2(src / "checkpoints" / manifest, dst / "checkpoints" / manifest)
+  for name in (run_record.CONFIG_INITIAL, run_record.CONFIG):
+    shutil.copy2(src / name, dst / name)
 
 
 def results(metrics: list[dict]) -> list[dict]:

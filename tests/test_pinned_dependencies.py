@@ -20,7 +20,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Runtime pins the package does not import itself, and why they are needed.
 INDIRECT = {
     "jaxlib": "jax's compiled backend",
-    "gcsfs": "gs:// for etils.epath (fsspec's GCS implementation)",
     "fsspec": "the file-system layer under etils.epath for gs://",
 }
 
