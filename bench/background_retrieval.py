@@ -18,7 +18,8 @@ own second view; chance is 1/n. All n images of a batch have the same kind,
 so a rate above chance means the background tells the instance, not only its
 kind. A rate near 1 is a shortcut for instance discrimination.
 
-  python bench/background_retrieval.py [--n=256] [--config=...]
+  python bench/background_retrieval.py [--n=256] [--config=...] \
+      [--config_overrides=aug.brightness=0.8,aug.hue=0.2]
 """
 from __future__ import annotations
 
@@ -126,18 +127,26 @@ def main() -> None:
   parser.add_argument("--n", type=int, default=256)
   parser.add_argument("--config", default=str(
       ROOT / "configs" / "fashion_mnist_backgrounds.py"))
+  parser.add_argument("--config_overrides", default="",
+                      help="comma-separated field=value (floats) over the "
+                      "config, e.g. aug.brightness=0.8,aug.hue=0.2")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no_color", action="store_true",
                       help="crops and flips only (no colour chain)")
   args = parser.parse_args()
-  config = config_lib.load_file(args.config)
+  overrides = {}
+  for item in filter(None, args.config_overrides.split(",")):
+    field, _, value = item.partition("=")
+    overrides[field] = float(value)
+  config = config_lib.load_file(args.config, None, overrides)
   aug = config.aug
   if args.no_color:
     aug.color_jitter_prob = 0.0
     aug.grayscale_prob = 0.0
   print(f"n={args.n} per kind (chance {1 / args.n:.4f}); crop_scale "
-        f"{tuple(aug.crop_scale)}, colour jitter p={aug.color_jitter_prob}, "
-        f"grayscale p={aug.grayscale_prob}")
+        f"{tuple(aug.crop_scale)}, colour jitter p={aug.color_jitter_prob} "
+        f"strengths {(aug.brightness, aug.contrast, aug.saturation, aug.hue)},"
+        f" grayscale p={aug.grayscale_prob}")
   print(f"{'background':30s} {'mode':12s} {'pixels':>7s} {'aligned':>8s}")
   for mode in ("per_example", "shared"):
     for kind, name in enumerate(backgrounds.BACKGROUND_NAMES):

@@ -228,6 +228,16 @@ def test_bad_background_mode_is_rejected_clearly():
   assert _config("").dataset.background_mode == "shared"
 
 
+def test_config_defaults_are_the_issue_23_testbed():
+  config = _config("")
+  assert config.dataset.background_mode == "shared"
+  # SimCLR's CIFAR-10 colour jitter strength s = 0.5 (docs/testbed.md).
+  aug = config.aug
+  assert (aug.brightness, aug.contrast, aug.saturation, aug.hue) == (
+      0.4, 0.4, 0.4, 0.1)
+  assert (aug.color_jitter_prob, aug.grayscale_prob) == (0.8, 0.2)
+
+
 # ----------------------------------------------------------------------------
 # The cached source.
 # ----------------------------------------------------------------------------
