@@ -12,10 +12,21 @@ pre-training move it around, so a random placement here would add nothing.
 
 Backgrounds are salient colour/texture patterns shared by every class
 (`BACKGROUND_NAMES`, the first B are used): smooth colour gradients, stripes,
-checks, colour noise, dots. The periodic ones get a random phase per example
-and the noise a fresh draw, so examples of one background are not pixel
-copies of each other, but a background stays recognisable under crops and
-colour jitter (its texture and layout survive them). The background of every
+checks, colour noise, dots. How the examples of one background differ is the
+`mode` (`BACKGROUND_MODES`, config `dataset.background_mode`):
+
+* "shared" (the default): every example of background k has the very same
+  background pixels (phase 0, one noise image per kind drawn from a fixed
+  seed, the same in both splits): the paper's shared "blue sky". The
+  background tells which of B kinds an image has and nothing about which
+  image it is.
+* "per_example" (generator version 1, the testbed until issue 23): the
+  periodic patterns get a random phase per example and the noise a fresh
+  draw per example. Under any crop the fresh noise (and, less so, the phase)
+  identifies the instance from its background alone — a shortcut for
+  instance discrimination (docs/testbed.md measures it).
+
+The background of every
 example is drawn independently of its class and balanced within each class:
 among the examples of class c, background k occurs floor(n_c / B) or
 ceil(n_c / B) times, in a random order. Background therefore carries no
@@ -34,9 +45,11 @@ import numpy as np
 IMAGE_SIZE = 32
 OBJECT_SIZE = 28
 OBJECT_OFFSET = (IMAGE_SIZE - OBJECT_SIZE) // 2  # centred: 2 pixels each side.
-# Version of the generator: bump it whenever the output bytes change, so that
-# stale cache files are rebuilt.
-GENERATOR_VERSION = 1
+# Version of the generator of each mode: bump it whenever that mode's output
+# bytes change, so that stale cache files are rebuilt.
+GENERATOR_VERSIONS = {"shared": 1, "per_example": 1}
+BACKGROUND_MODES = tuple(GENERATOR_VERSIONS)
+DEFAULT_BACKGROUND_MODE = "shared"
 _SEED = 19_2026
 _SPLIT_CODES = {"train": 1, "test": 2}
 
@@ -70,6 +83,28 @@ def _check_num_backgrounds(num_backgrounds: int) -> int:
         f"(the procedural backgrounds are {', '.join(BACKGROUND_NAMES)}); set "
         "--config.dataset.num_backgrounds=6 for example.")
   return int(num_backgrounds)
+
+
+def check_background_mode(mode: str) -> str:
+  if mode not in BACKGROUND_MODES:
+    raise ValueError(
+        f"background_mode={mode!r} is not one of {', '.join(BACKGROUND_MODES)}"
+        " (shared: one background image per kind; per_example: the version-1 "
+        "testbed, fresh noise and phases per example); set "
+        "--config.dataset.background_mode=shared for example.")
+  return mode
+
+
+def cache_stem(mode: str, num_backgrounds: int) -> str:
+  """Name stem of a mode's cache files, e.g. `shared-v1-b6`.
+
+  The per_example stem is that of generator version 1 (`v1-b6`), so caches
+  written before modes existed stay valid for it.
+  """
+  version = GENERATOR_VERSIONS[check_background_mode(mode)]
+  b = _check_num_backgrounds(num_backgrounds)
+  prefix = "" if mode == "per_example" else f"{mode}-"
+  return f"{prefix}v{version}-b{b}"
 
 
 def background_names(num_backgrounds: int) -> tuple[str, ...]:
@@ -166,9 +201,24 @@ def assign_backgrounds(labels: np.ndarray, num_backgrounds: int,
   return out
 
 
+def shared_backgrounds(num_backgrounds: int) -> np.ndarray:
+  """The B backgrounds of mode "shared": (B, 32, 32, 3) uint8.
+
+  Kind k is rendered once at phase (0, 0), its noise (kind 4) drawn from a
+  generator seeded by (seed, k) alone: the same pixels in every split.
+  """
+  b = _check_num_backgrounds(num_backgrounds)
+  return np.concatenate([
+      render_backgrounds(k, np.zeros((1, 2), np.int64),
+                         np.random.default_rng([_SEED, 0, k]))
+      for k in range(b)])
+
+
 def build_split(objects: np.ndarray, labels: np.ndarray, split: str,
                 num_backgrounds: int = DEFAULT_NUM_BACKGROUNDS,
-                chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+                chunk: int = 8192,
+                mode: str = DEFAULT_BACKGROUND_MODE
+                ) -> tuple[np.ndarray, np.ndarray]:
   """The composited images of one split and their background labels.
 
   Args:
@@ -177,6 +227,8 @@ def build_split(objects: np.ndarray, labels: np.ndarray, split: str,
     split: "train" or "test" (selects the random stream).
     num_backgrounds: B in 1..8: backgrounds 0..B-1 of `BACKGROUND_NAMES`.
     chunk: examples rendered at a time (bounds the memory use).
+    mode: "shared" or "per_example" (module docstring). The background
+      labels do not depend on it.
 
   Returns:
     images (n, 32, 32, 3) uint8 and backgrounds (n,) int32; a pure function
@@ -194,14 +246,22 @@ def build_split(objects: np.ndarray, labels: np.ndarray, split: str,
   labels = np.asarray(labels)
   if labels.shape != (n,):
     raise ValueError(f"{n} objects but labels of shape {labels.shape}.")
+  check_background_mode(mode)
   rng = np.random.default_rng([_SEED, _SPLIT_CODES[split], num_backgrounds])
   background = assign_backgrounds(labels, num_backgrounds, rng)
+  images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+  if mode == "shared":
+    shared = shared_backgrounds(num_backgrounds)
+    for start in range(0, n, chunk):
+      stop = min(n, start + chunk)
+      images[start:stop] = composite(objects[start:stop],
+                                     shared[background[start:stop]])
+    return images, background
   phases = rng.integers(0, 64, (n, 2))
   # One noise stream per kind, drawn in example order, so that `chunk` does
   # not change the result.
   noise_rng = np.random.default_rng(
       [_SEED, _SPLIT_CODES[split], num_backgrounds, 4])
-  images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
   for start in range(0, n, chunk):
     stop = min(n, start + chunk)
     bg = np.empty((stop - start, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)

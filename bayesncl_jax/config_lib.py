@@ -12,6 +12,8 @@ from typing import Any
 
 import ml_collections
 
+from bayesncl_jax import backgrounds
+
 METHODS = ("cl", "ncl", "ncl_topk", "bayesncl")
 NON_NEG = ("none", "relu", "rep_relu", "gelu", "sigmoid", "softplus", "exp",
            "leaky_relu")
@@ -390,6 +392,8 @@ def validate(config, num_devices: int | None = None) -> None:
   _choice(config, "model.dtype", DTYPES)
   _choice(config, "model.conv_impl", CONV_IMPLS)
   _choice(config, "dataset.name", DATASETS)
+  if "background_mode" in config.dataset:
+    _choice(config, "dataset.background_mode", backgrounds.BACKGROUND_MODES)
   _choice(config, "gate.type", GATE_TYPES)
   _choice(config, "gate.eval_mode", GATE_MODES)
   _choice(config, "gate.train_mode", GATE_MODES)

@@ -407,18 +407,26 @@ def _num_backgrounds(dataset_config) -> int:
                                 backgrounds.DEFAULT_NUM_BACKGROUNDS))
 
 
+def _background_mode(dataset_config) -> str:
+  """`dataset.background_mode`; a config without it (saved before the field
+  existed) meant the version-1 testbed, "per_example"."""
+  return backgrounds.check_background_mode(
+      str(dataset_config.get("background_mode", "per_example")))
+
+
 def backgrounds_cache_paths(dataset_config, split: str) -> tuple[str, str]:
   """(images .npy, metadata .npz) cache files of one split.
 
   The folder is `dataset_config.cache_dir` if set, else `$BAYESNCL_CACHE_DIR`
   or `~/.cache/bayesncl_jax`, then `fashion_mnist_backgrounds/`; the names
-  hold the generator version and B, so other settings never read them.
+  hold the background mode, its generator version and B
+  (`backgrounds.cache_stem`), so other settings never read them.
   """
   root = dataset_config.get("cache_dir", "") or _default_cache_dir()
   stem = os.path.join(
       root, _BACKGROUNDS_CACHE_SUBDIR,
-      f"v{backgrounds.GENERATOR_VERSION}-b{_num_backgrounds(dataset_config)}"
-      f"-{split}")
+      backgrounds.cache_stem(_background_mode(dataset_config),
+                             _num_backgrounds(dataset_config)) + f"-{split}")
   return stem + ".images.npy", stem + ".meta.npz"
 
 
@@ -431,7 +439,8 @@ def _crc32(array: np.ndarray) -> int:
 
 
 def _check_backgrounds_cache(images_path: str, meta_path: str,
-                             num_backgrounds: int, split: str) -> str | None:
+                             num_backgrounds: int, split: str,
+                             mode: str) -> str | None:
   """None if the cache files of a split are complete and intact, else why.
 
   A check that passed is remembered for the process (keyed by the files'
@@ -442,10 +451,11 @@ def _check_backgrounds_cache(images_path: str, meta_path: str,
     return "missing"
   stats = tuple((st.st_size, st.st_mtime_ns) for st in
                 (os.stat(images_path), os.stat(meta_path)))
-  key = (images_path, meta_path, num_backgrounds, split, stats)
+  key = (images_path, meta_path, num_backgrounds, split, mode, stats)
   if key in _VERIFIED_CACHES:
     return None
-  problem = _find_cache_problem(images_path, meta_path, num_backgrounds, split)
+  problem = _find_cache_problem(images_path, meta_path, num_backgrounds, split,
+                                mode)
   if problem is None:
     _VERIFIED_CACHES.add(key)
   return problem
@@ -455,20 +465,25 @@ _VERIFIED_CACHES = set()
 
 
 def _find_cache_problem(images_path: str, meta_path: str,
-                        num_backgrounds: int, split: str) -> str | None:
+                        num_backgrounds: int, split: str,
+                        mode: str) -> str | None:
   try:
     with np.load(meta_path) as meta:
       fields = {k: meta[k] for k in ("labels", "backgrounds", "crc32",
                                      "version", "num_backgrounds")}
+      # Caches written before modes existed are per_example ones.
+      fields["mode"] = (str(meta["background_mode"])
+                        if "background_mode" in meta else "per_example")
     images = np.load(images_path, mmap_mode="r")
   except (OSError, ValueError, KeyError, EOFError) as e:
     # np.load checks the .npz members' CRC-32 (zipfile) and the .npy header.
     return f"unreadable ({type(e).__name__}: {e})"
   n = _FASHION_MNIST_SIZES[split]
   expected = (n, backgrounds.IMAGE_SIZE, backgrounds.IMAGE_SIZE, 3)
-  if (int(fields["version"]) != backgrounds.GENERATOR_VERSION
+  if (fields["mode"] != mode
+      or int(fields["version"]) != backgrounds.GENERATOR_VERSIONS[mode]
       or int(fields["num_backgrounds"]) != num_backgrounds):
-    return "written by another generator version or B"
+    return "written by another background mode, generator version or B"
   if images.shape != expected or images.dtype != np.uint8:
     return f"images {images.shape} {images.dtype}, expected {expected} uint8"
   if fields["labels"].shape != (n,) or fields["backgrounds"].shape != (n,):
@@ -493,13 +508,15 @@ def build_backgrounds_cache(dataset_config, split: str) -> tuple[str, str]:
   builders write identical bytes.
   """
   b = _num_backgrounds(dataset_config)
+  mode = _background_mode(dataset_config)
   objects = _fashion_mnist_source(split, dataset_config.data_dir or "")
   if isinstance(objects, ArrayImageSource):
     images, labels = objects.images, objects.labels
   else:  # TFDS fall-back: materialise once.
     images = np.stack([objects[i]["image"] for i in range(len(objects))])
     labels = np.asarray([objects[i]["label"] for i in range(len(objects))])
-  composited, background = backgrounds.build_split(images, labels, split, b)
+  composited, background = backgrounds.build_split(images, labels, split, b,
+                                                   mode=mode)
   images_path, meta_path = backgrounds_cache_paths(dataset_config, split)
   try:
     os.makedirs(os.path.dirname(images_path), exist_ok=True)
@@ -507,7 +524,8 @@ def build_backgrounds_cache(dataset_config, split: str) -> tuple[str, str]:
     _write_atomically(meta_path, lambda f: np.savez(
         f, labels=labels.astype(np.int32), backgrounds=background,
         crc32=np.uint32(_crc32(composited)),
-        version=np.int32(backgrounds.GENERATOR_VERSION),
+        version=np.int32(backgrounds.GENERATOR_VERSIONS[mode]),
+        background_mode=np.asarray(mode),
         num_backgrounds=np.int32(b),
         background_names=np.asarray(backgrounds.background_names(b))))
   except OSError as e:
@@ -515,8 +533,9 @@ def build_backgrounds_cache(dataset_config, split: str) -> tuple[str, str]:
         f"Cannot write the fashion_mnist_backgrounds cache {images_path}: {e}."
         " Point --config.dataset.cache_dir (or $BAYESNCL_CACHE_DIR) at a "
         "writable folder.") from e
-  logging.info("fashion_mnist_backgrounds %s: %d examples on %d backgrounds "
-               "written to %s.", split, len(labels), b, images_path)
+  logging.info("fashion_mnist_backgrounds %s: %d examples on %d %s "
+               "backgrounds written to %s.", split, len(labels), b, mode,
+               images_path)
   return images_path, meta_path
 
 
@@ -561,14 +580,16 @@ def _backgrounds_source(dataset_config, split: str) -> BackgroundsSource:
                      f"{sorted(_FASHION_MNIST_FILES)}, not {split!r}.")
   b = _num_backgrounds(dataset_config)
   backgrounds.background_names(b)  # validates B with a clear message.
+  mode = _background_mode(dataset_config)  # validates the mode likewise.
   images_path, meta_path = backgrounds_cache_paths(dataset_config, split)
-  problem = _check_backgrounds_cache(images_path, meta_path, b, split)
+  problem = _check_backgrounds_cache(images_path, meta_path, b, split, mode)
   if problem is not None:
     if problem != "missing":
       logging.warning("fashion_mnist_backgrounds cache %s is %s; rebuilding "
                       "it.", images_path, problem)
     build_backgrounds_cache(dataset_config, split)
-    problem = _check_backgrounds_cache(images_path, meta_path, b, split)
+    problem = _check_backgrounds_cache(images_path, meta_path, b, split,
+                                       mode)
     if problem is not None:
       raise ValueError(f"The freshly built cache {images_path} is {problem}; "
                        "check the disk holding it.")

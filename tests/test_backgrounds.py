@@ -3,10 +3,13 @@
 The full training split is built once per test session (about 10 s) into a
 temporary cache; the other tests use the 10k test split.
 """
+import importlib.util
 import os
 import pathlib
 import pickle
+import zlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -137,6 +140,104 @@ def test_bad_number_of_backgrounds_is_rejected_clearly():
                                    np.random.default_rng(0))
 
 
+def _retrieval_bench():
+  spec = importlib.util.spec_from_file_location(
+      "background_retrieval", ROOT / "bench" / "background_retrieval.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_per_example_mode_is_the_version_1_generator_byte_for_byte():
+  # CRC-32s of build_split's images and background labels, computed with
+  # the generator of commit de38927 (before modes existed) on this input.
+  rng = np.random.default_rng(5)
+  objects = rng.integers(0, 256, (300, 28, 28), dtype=np.uint8)
+  labels = rng.integers(0, 10, 300)
+  pinned = {("train", 6): (1421496196, 3981981936),
+            ("train", 8): (584502192, 1275537925),
+            ("test", 6): (3484303274, 1268848115),
+            ("test", 8): (197747835, 515547971)}
+  for (split, b), (crc_images, crc_labels) in pinned.items():
+    images, background = backgrounds.build_split(objects, labels, split, b,
+                                                 mode="per_example")
+    assert zlib.crc32(images.tobytes()) == crc_images, (split, b)
+    assert zlib.crc32(background.astype(np.int32).tobytes()) == crc_labels
+    # The shared mode draws the same background labels.
+    _, shared_labels = backgrounds.build_split(objects, labels, split, b)
+    np.testing.assert_array_equal(shared_labels, background)
+
+
+def test_shared_mode_gives_every_example_of_a_kind_the_same_background():
+  objects = np.zeros((200, 28, 28), np.uint8)  # fully transparent objects
+  labels = np.arange(200) % 10
+  shared = backgrounds.shared_backgrounds(8)
+  assert shared.shape == (8, 32, 32, 3) and shared.dtype == np.uint8
+  for split in ("train", "test"):
+    images, background = backgrounds.build_split(objects, labels, split, 8)
+    assert set(background.tolist()) == set(range(8))
+    # Transparent objects: each image is exactly its kind's one background,
+    # the same in both splits.
+    np.testing.assert_array_equal(images, shared[background])
+  # Kind k is the per-example renderer's pattern at phase (0, 0).
+  zero = np.zeros((1, 2), np.int64)
+  for k in (0, 2, 3, 5, 7):
+    np.testing.assert_array_equal(
+        shared[k], backgrounds.render_backgrounds(
+            k, zero, np.random.default_rng(0))[0])
+  # The noise is one fixed draw: blocks of 2x2 equal pixels, values in
+  # [0, 0.8 * 255], not a flat colour.
+  noise = shared[4].astype(int)
+  np.testing.assert_array_equal(noise[::2, ::2], noise[1::2, 1::2])
+  assert noise.max() <= round(0.8 * 255) and noise.std() > 30
+  # Objects still composite over it as in the per-example mode.
+  obj = np.full((1, 28, 28), 255, np.uint8)
+  out, _ = backgrounds.build_split(obj, np.zeros(1, int), "test", 1)
+  assert (out[0, 2:30, 2:30] == 255).all()
+  np.testing.assert_array_equal(out[0, :2], shared[0, :2])
+
+
+def test_background_alone_no_longer_identifies_the_instance():
+  # The instance shortcut of the per-example testbed (docs/testbed.md): two
+  # augmented crops of a fresh colour-noise background are matched to each
+  # other among 64 such backgrounds by aligning their pixels; with one
+  # shared noise image the match is at chance (1/64).
+  bench = _retrieval_bench()
+  config = _config("")
+  n, kind = 64, 4
+  rates = {}
+  for mode in ("per_example", "shared"):
+    rng = np.random.default_rng([0, kind])
+    images = bench.render_kind(kind, n, mode, rng)
+    views, boxes, flips = bench.two_views(images, config.aug, rng,
+                                          jax.random.key(kind))
+    rates[mode] = bench.aligned_retrieval(views, boxes, flips)
+  assert rates["per_example"] >= 0.6, rates
+  assert rates["shared"] <= 4 / n, rates
+
+
+def test_bad_background_mode_is_rejected_clearly():
+  with pytest.raises(ValueError, match="background_mode='sky' is not one of "
+                     "shared, per_example"):
+    backgrounds.build_split(np.zeros((1, 28, 28), np.uint8), np.zeros(1),
+                            "test", 6, mode="sky")
+  config = _config("", **{"dataset.background_mode": "sky"})
+  with pytest.raises(config_lib.ConfigError,
+                     match="config.dataset.background_mode='sky'"):
+    config_lib.validate(config, num_devices=1)
+  assert _config("").dataset.background_mode == "shared"
+
+
+def test_config_defaults_are_the_issue_23_testbed():
+  config = _config("")
+  assert config.dataset.background_mode == "shared"
+  # SimCLR's CIFAR-10 colour jitter strength s = 0.5 (docs/testbed.md).
+  aug = config.aug
+  assert (aug.brightness, aug.contrast, aug.saturation, aug.hue) == (
+      0.4, 0.4, 0.4, 0.1)
+  assert (aug.color_jitter_prob, aug.grayscale_prob) == (0.8, 0.2)
+
+
 # ----------------------------------------------------------------------------
 # The cached source.
 # ----------------------------------------------------------------------------
@@ -238,14 +339,54 @@ def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, damage, caplog):
     os.remove(images_path)
   if damage != "missing_images":
     assert datasets._check_backgrounds_cache(images_path, meta_path, 6,
-                                             "test") is not None
+                                             "test", "shared") is not None
   caplog.set_level("WARNING")
   rebuilt = datasets.get_source(config.dataset, "test")
   np.testing.assert_array_equal(np.asarray(rebuilt.images), original)
   assert datasets._check_backgrounds_cache(images_path, meta_path, 6,
-                                           "test") is None
+                                           "test", "shared") is None
   if damage != "missing_images":
     assert "rebuilding" in caplog.text
+
+
+@needs_fashion_mnist
+def test_cache_is_keyed_by_the_background_mode(tmp_path):
+  shared = _config(tmp_path)
+  old = _config(tmp_path, **{"dataset.background_mode": "per_example"})
+  paths = {mode: datasets.backgrounds_cache_paths(c.dataset, "test")
+           for mode, c in (("shared", shared), ("per_example", old))}
+  # per_example keeps the version-1 file names, so existing caches serve it.
+  assert os.path.basename(paths["per_example"][0]) == "v1-b6-test.images.npy"
+  assert os.path.basename(paths["shared"][0]) == (
+      "shared-v1-b6-test.images.npy")
+  a = datasets.get_source(old.dataset, "test")
+  b = datasets.get_source(shared.dataset, "test")
+  np.testing.assert_array_equal(a.labels, b.labels)
+  np.testing.assert_array_equal(a.backgrounds, b.backgrounds)
+  shared_images = np.array(b.images)  # a copy: b.images maps the file.
+  assert not np.array_equal(np.asarray(a.images), shared_images)
+  # A per_example cache put where the shared one belongs is not served: its
+  # metadata names its mode, and the source rebuilds the shared images.
+  for src, dst in zip(paths["per_example"], paths["shared"]):
+    os.remove(dst)
+    pathlib.Path(dst).write_bytes(pathlib.Path(src).read_bytes())
+  datasets._VERIFIED_CACHES.clear()
+  assert "background mode" in datasets._check_backgrounds_cache(
+      *paths["shared"], 6, "test", "shared")
+  rebuilt = datasets.get_source(shared.dataset, "test")
+  np.testing.assert_array_equal(np.asarray(rebuilt.images), shared_images)
+  # A version-1 cache (metadata without a mode) is a per_example one.
+  meta_path = paths["per_example"][1]
+  with np.load(meta_path) as meta:
+    fields = {k: meta[k] for k in meta if k != "background_mode"}
+  np.savez(meta_path, **fields)
+  datasets._VERIFIED_CACHES.clear()
+  assert datasets._check_backgrounds_cache(*paths["per_example"], 6, "test",
+                                           "per_example") is None
+  # A config saved before the field existed reads the version-1 testbed.
+  del old.dataset["background_mode"]
+  assert datasets.backgrounds_cache_paths(old.dataset, "test") == (
+      paths["per_example"])
 
 
 @needs_fashion_mnist
