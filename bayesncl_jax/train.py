@@ -236,8 +236,11 @@ def checkpoint_manager(workdir, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_ckpts, create=True,
       enable_async_checkpointing=True)
-  return ocp.CheckpointManager(paths.as_path(workdir) / "checkpoints",
-                               options=options,
+  ckpt_dir = paths.as_path(workdir) / "checkpoints"
+  if not paths.is_remote(workdir):
+    # Orbax refuses a relative directory at the first save.
+    ckpt_dir = epath.Path(os.path.abspath(ckpt_dir))
+  return ocp.CheckpointManager(ckpt_dir, options=options,
                                item_names=("state", "data"))
 
 

@@ -191,6 +191,24 @@ def _equal_params(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@needs_fmnist
+def test_relative_workdir_trains_and_checkpoints(tmp_path):
+  """--workdir=run from another folder: Orbax needs an absolute checkpoint
+  directory, so a relative workdir used to die at the first save."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  overrides = {"optim.total_steps": 2, "optim.batch_size": 16,
+               "ckpt_every": 1, "dataset.max_train_examples": 64}
+  proc = subprocess.run(
+      [sys.executable, "-m", "bayesncl_jax.main",
+       f"--config={ROOT / 'configs' / 'fashion_mnist.py'}", "--workdir=run",
+       *cli_args(overrides)], cwd=tmp_path, env=env, capture_output=True,
+      text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert integrity.committed_steps(tmp_path / "run" / "checkpoints")[-1] == 2
+  assert (tmp_path / "run" / "summary.json").exists()
+
+
 @pytest.mark.slow
 @needs_fmnist
 def test_sigkill_resume_is_bitwise_identical(tmp_path):
