@@ -532,6 +532,12 @@ def test_uncommitted_step_on_the_bucket_is_not_used(gcs, prefix, tmp_path,
       jax.devices()[:1]))
   assert int(state.step) == 2
   assert not list(workdir_objects(gcs, workdir, ".bayesncl.lock"))
+  # With no committed step left, the explorer finds no checkpoint either.
+  from bayesncl_jax.explore import data as explore_data  # pylint: disable=g-import-not-at-top
+  paths.as_path(paths.join(ckpt, "2", "commit_success.txt")).unlink()
+  assert integrity.committed_steps(ckpt) == []
+  with pytest.raises(explore_data.ExploreError, match="No checkpoint"):
+    explore_data.check_workdir(workdir)
 
 
 def workdir_objects(gcs, workdir, name):

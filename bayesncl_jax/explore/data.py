@@ -22,6 +22,7 @@ from absl import logging
 import numpy as np
 
 from bayesncl_jax import datasets
+from bayesncl_jax import integrity
 from bayesncl_jax import metrics
 from bayesncl_jax import paths
 
@@ -126,8 +127,8 @@ def check_workdir(workdir: str) -> str:
     raise ExploreError(f"No config.json in {workdir}: is it the workdir of a "
                        "bayesncl_jax.main run?")
   ckpt = paths.join(workdir, "checkpoints")
-  if not (paths.isdir(ckpt)
-          and any(name.isdigit() for name in paths.listdir(ckpt))):
+  # Orbax's committed steps: a gs:// step whose save never finished is none.
+  if not integrity.committed_steps(ckpt):
     raise ExploreError(
         f"No checkpoint in {workdir} ({ckpt} holds no step). Pre-train "
         f"first: python -m bayesncl_jax.main --config=... --workdir={workdir}")
