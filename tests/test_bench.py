@@ -7,6 +7,7 @@ flags themselves, as they do when run by hand.
 """
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -378,3 +379,40 @@ def test_step_profile_times_the_pieces():
   by = {r["piece"]: r for r in records}
   # The network's forward does more work than the loss on its outputs.
   assert by["forward"]["flops"] > by["loss"]["flops"] > 0
+
+
+# ----------------------------------------------------------------------------
+# bench/learning_curve.py: the per-checkpoint table of a run.
+# ----------------------------------------------------------------------------
+def _learning_curve_module():
+  spec = importlib.util.spec_from_file_location("learning_curve",
+                                                BENCH / "learning_curve.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_learning_curve_training_gate_rate_is_the_last_epochs_mean():
+  lc = _learning_curve_module()
+  rows = [{"step": s, "epoch": s / 4, "gate_open_rate": r}
+          for s, r in [(2, 0.9), (4, 0.8), (6, 0.5), (8, 0.7), (10, 0.1)]]
+  rows.insert(2, {"step": 5, "epoch": 1.25})  # a row without the gate
+  # Checkpoint at step 8, 4 steps per epoch: the rows of steps 5..8.
+  epoch, rate = lc.training_rates(rows, 8, 4.0)
+  assert epoch == 2.0
+  assert rate == pytest.approx((0.5 + 0.7) / 2)
+  # No gate (NCL): no training rate.
+  assert math.isnan(lc.training_rates([{"step": 4, "epoch": 1.0}], 4, 4.0)[1])
+
+
+def test_learning_curve_names_stay_file_names_and_missing_cells_show():
+  lc = _learning_curve_module()
+  assert lc.run_name(pathlib.Path("/x/../a b<script>")) == "a_b_script_"
+  assert lc.run_name(pathlib.Path("/x/..")) == "__"  # never a parent
+  assert lc.run_name(pathlib.Path("/")) == "run"
+  md = lc.table([{"run": "r", "method": "ncl", "step": 3, "epoch": 1.0,
+                  "linear_top1": 0.5, "dims": "2 / 3",
+                  "train_gate_open_rate": float("nan")}])
+  row = md.splitlines()[2]
+  assert row.startswith("| r | ncl | 3 | 1.0 | 0.500 |")
+  assert row.count("—") == len(lc.COLUMNS) - 3
