@@ -225,6 +225,8 @@ def import_checkpoint(path: str, workdir: str,
     try:
       train.save_checkpoint(mngr, state, data_iter, force=True)
       mngr.wait_until_finished()
+      # Sealed like a training checkpoint: evaluate and main verify it.
+      integrity.write_manifest(mngr.directory, 0)
     finally:
       mngr.close()
       data_iter.close()

@@ -237,7 +237,8 @@ def test_gpu_sh_tiny(tmp_path):
   text = results.read_text()
   assert text.startswith("# Benchmark results\n")
   assert text.count("## GPU runs (`bench/gpu.sh`)") == 1
-  assert "| cpu (--tiny, CPU) | jax | jit | bayesncl | 32 | bfloat16 |" in text
+  assert ("| cpu (--tiny, CPU) | jax | jit/conv_impl=auto | bayesncl | 32 | "
+          "bfloat16 |") in text
   assert "device crops, canvas 96 → 32 px" in text
   assert "training smoke" in text
 

@@ -703,7 +703,7 @@ def test_run_summary_names_the_next_commands():
   assert "python -m bayesncl_jax.evaluate --workdir=/tmp/run_x" in text
   assert ("python -m bayesncl_jax.explore --workdir=/tmp/run_x "
           "--out=/tmp/run_x/explorer") in text
-  assert "--out=explorer" in train.format_summary({}, "gs://b/run")
+  assert "--out=explorer" in train.format_summary({}, "gs://bucket/run")
   assert "explore" not in train.format_summary({"preempted": True}, "/x")
   assert "explore" not in train.format_summary({"method": "cl"})
 

@@ -1107,10 +1107,14 @@ trap 'echo step > "{saved}"; exit 143' TERM HUP INT
 while :; do sleep 0.05; done
 """))
   args = [*VALID["gpu_train.sh"], f"--python={python}"]
+  # A SIGHUP ignored by whatever started the test (nohup) would be ignored
+  # by bash for good (a signal ignored on entry cannot be trapped): start
+  # the wrapper with SIGHUP at its default, as a terminal or tmux does.
   wrapper = subprocess.Popen(
       ["bash", str(LAUNCH / "gpu_train.sh"), *args,
        *(["--eval"] if eval_after else [])],
-      env=fake.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      env=fake.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
   try:
     deadline = time.time() + 20
     while not pid_file.exists():
