@@ -143,3 +143,29 @@ def xla_memory(compiled) -> dict[str, int | None]:
 
 def mib(x: int | None) -> str:
   return "n/a" if x is None else f"{x / 2**20:.1f} MiB"
+
+
+def synthetic_train_inputs(config, num_examples: int = 60_000):
+  """(setup, state, batch, rng, mesh) for timing one config's train step.
+
+  The model and optimizer are built as `train` builds them (the schedule
+  sized for `num_examples` training images, without opening the dataset);
+  the batch is random uint8 views and labels, sharded over all devices.
+  """
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from bayesncl_jax import datasets, sharding, train  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh()
+  with mock.patch.object(datasets, "num_examples", return_value=num_examples):
+    setup = train.build(config, mesh)
+  state = train.init_state(setup, jax.random.key(0))
+  b, s = config.optim.batch_size, config.dataset.image_size
+  c = len(config.dataset.mean)
+  rs = np.random.default_rng(0)
+  batch = {"view1": rs.integers(0, 256, (b, s, s, c), dtype=np.uint8),
+           "view2": rs.integers(0, 256, (b, s, s, c), dtype=np.uint8),
+           "label": rs.integers(0, config.dataset.num_classes, (b,),
+                                dtype=np.int32)}
+  batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+  return setup, state, batch, jax.random.key(1), mesh

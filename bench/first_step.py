@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from unittest import mock
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
@@ -47,24 +46,11 @@ def child(args) -> None:
   from bayesncl_jax import cli  # pylint: disable=g-import-not-at-top
   cli.enable_compilation_cache(args.cache)
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from bayesncl_jax import config_lib, datasets, sharding, train  # pylint: disable=g-import-not-at-top
+  from bayesncl_jax import config_lib, train  # pylint: disable=g-import-not-at-top
 
   path, _, arg = args.config.partition(":")
   config = config_lib.load_file(path, arg or None)
-  mesh = sharding.make_mesh()
-  with mock.patch.object(datasets, "num_examples", return_value=60_000):
-    setup = train.build(config, mesh)
-  state = train.init_state(setup, jax.random.key(0))
-  b, s = config.optim.batch_size, config.dataset.image_size
-  c = len(config.dataset.mean)
-  rs = np.random.default_rng(0)
-  batch = jax.device_put(
-      {"view1": rs.integers(0, 256, (b, s, s, c), dtype=np.uint8),
-       "view2": rs.integers(0, 256, (b, s, s, c), dtype=np.uint8),
-       "label": rs.integers(0, 10, (b,), dtype=np.int32)},
-      sharding.batch_sharding(mesh))
-  rng = jax.random.key(1)
+  setup, state, batch, rng, _ = common.synthetic_train_inputs(config)
   step = train.make_train_step(setup)
   t0 = time.perf_counter()
   lowered = step.lower(state, batch, rng)

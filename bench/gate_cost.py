@@ -27,7 +27,6 @@ import os
 import statistics
 import sys
 import time
-from unittest import mock
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
@@ -65,23 +64,10 @@ def parse_args(argv=None):
 
 def build_step(config):
   """(compiled step, state, batch, rng, GFLOP per step) for one config."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from bayesncl_jax import datasets, sharding, train  # pylint: disable=g-import-not-at-top
+  from bayesncl_jax import train  # pylint: disable=g-import-not-at-top
 
-  mesh = sharding.make_mesh()
-  with mock.patch.object(datasets, "num_examples", return_value=50_000):
-    setup = train.build(config, mesh)
-  state = train.init_state(setup, jax.random.key(0))
-  b, s = config.optim.batch_size, config.dataset.image_size
-  c = len(config.dataset.mean)
-  rs = np.random.default_rng(0)
-  batch = {"view1": rs.integers(0, 256, (b, s, s, c), dtype=np.uint8),
-           "view2": rs.integers(0, 256, (b, s, s, c), dtype=np.uint8),
-           "label": rs.integers(0, config.dataset.num_classes, (b,),
-                                dtype=np.int32)}
-  batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-  rng = jax.random.key(1)
+  setup, state, batch, rng, _ = common.synthetic_train_inputs(config,
+                                                               50_000)
   t0 = time.perf_counter()
   compiled = train.make_train_step(setup).lower(state, batch, rng).compile()
   compile_s = time.perf_counter() - t0

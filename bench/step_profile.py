@@ -80,23 +80,11 @@ def build_pieces(config, names):
   """{name: (jitted fn, args)} for the requested pieces."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from bayesncl_jax import augment, datasets, losses, models, sharding, train  # pylint: disable=g-import-not-at-top
+  from bayesncl_jax import augment, losses, models, sharding, train  # pylint: disable=g-import-not-at-top
 
-  mesh = sharding.make_mesh()
-  with mock.patch.object(datasets, "num_examples", return_value=60_000):
-    setup = train.build(config, mesh)
-  state = train.init_state(setup, jax.random.key(0))
-  b, s = config.optim.batch_size, config.dataset.image_size
-  c = len(config.dataset.mean)
-  rs = np.random.default_rng(0)
-  batch = {"view1": rs.integers(0, 256, (b, s, s, c), dtype=np.uint8),
-           "view2": rs.integers(0, 256, (b, s, s, c), dtype=np.uint8),
-           "label": rs.integers(0, config.dataset.num_classes, (b,),
-                                dtype=np.int32)}
-  batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-  rng = jax.random.key(1)
+  setup, state, batch, rng, mesh = common.synthetic_train_inputs(config)
+  s, c = config.dataset.image_size, len(config.dataset.mean)
   mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
   dtype = train.compute_dtype(config)
 
@@ -175,11 +163,6 @@ def build_pieces(config, names):
       variables = jax.jit(lambda r: model.init(
           r, jnp.zeros((2, s, s, c)), train=False))(jax.random.key(0))
     params = variables["params"]
-    tx = setup.tx
-    nobn_state = train.TrainState(
-        step=jnp.zeros((), jnp.int32), params=params,
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=None)
     fn = loss_of(model)
 
     def update_nobn(params, v1, v2, labels, r):
@@ -187,7 +170,6 @@ def build_pieces(config, names):
       with mock.patch.object(models.nn, "BatchNorm", _identity_batchnorm()):
         grads = jax.grad(fn)(params, {}, v1, v2, labels, r)
       return jax.tree.map(lambda p, g: p - 0.01 * g, params, grads)
-    del tx, nobn_state
     pieces["update_nobn"] = (jax.jit(update_nobn),
                              (params, view1, view2, labels, rng), False)
   return pieces
