@@ -36,20 +36,8 @@ def write_bytes(path, data: bytes) -> None:
   if _is_remote(text):
     epath.Path(text).write_bytes(data)
     return
-  folder = os.path.dirname(text) or "."
-  tmp = os.path.join(folder, f".{os.path.basename(text)}.{os.getpid()}."
-                     f"{uuid.uuid4().hex[:8]}.tmp")
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, text)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
-  _fsync_dir(folder)
+  with writing(text) as f:
+    f.write(data)
 
 
 def write_text(path, text: str) -> None:
