@@ -154,19 +154,37 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: pathlib.Path) -> None:
+  """Class probe, class consistency and (BayesNCL) the gate's open rates."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  fig = Figure(figsize=(9, 3.4))
-  panels = [("linear_top1", "class probe from h"),
-            ("background_probe_top1_z", "background probe from z"),
-            ("class_consistency_all_dims", "class consistency")]
-  for i, (key, title) in enumerate(panels):
-    ax = fig.add_subplot(1, len(panels), i + 1)
-    for run in dict.fromkeys(r["run"] for r in rows):
-      pts = [(r["epoch"], r[key]) for r in rows
-             if r["run"] == run and r.get(key) is not None]
-      if pts:
-        ax.plot(*zip(*pts), marker="o", label=run)
+  fig = Figure(figsize=(10, 3.4))
+  runs = list(dict.fromkeys(r["run"] for r in rows))
+
+  def series(ax, run, key, **kw):
+    pts = [(r["epoch"], r[key]) for r in rows if r["run"] == run
+           and r.get(key) is not None and not (
+               isinstance(r[key], float) and math.isnan(r[key]))]
+    if pts:
+      ax.plot(*zip(*pts), marker="o", markersize=3, **kw)
+
+  for i, (key, title) in enumerate([
+      ("linear_top1", "class probe from h (10k)"),
+      ("class_consistency_all_dims", "class consistency (test)")]):
+    ax = fig.add_subplot(1, 3, i + 1)
+    for run in runs:
+      series(ax, run, key, label=run)
     ax.set_title(title, fontsize=9)
+  ax = fig.add_subplot(1, 3, 3)
+  for run in runs:
+    series(ax, run, "gate_open_rate_background_dims_when_active",
+           label=f"{run}: background dims (when active)")
+    series(ax, run, "gate_open_rate_class_dims_when_active", linestyle="--",
+           label=f"{run}: class dims (when active)")
+    series(ax, run, "train_gate_open_rate", linestyle=":",
+           label=f"{run}: training gate, all dims")
+  ax.set_title("gate open rate", fontsize=9)
+  if ax.lines:
+    ax.legend(fontsize=6)
+  for ax in fig.axes:
     ax.set_xlabel("epochs", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
