@@ -262,12 +262,16 @@ def test_gpu_sh_refuses_without_a_gpu(tmp_path):
 FMNIST_IDX = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
 
-def _gpu_ledger_module():
-  spec = importlib.util.spec_from_file_location("gpu_ledger",
-                                                BENCH / "gpu_ledger.py")
+def _bench_module(name: str):
+  """bench/<name>.py imported as a module (bench/ is not a package)."""
+  spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def _gpu_ledger_module():
+  return _bench_module("gpu_ledger")
 
 
 def test_gpu_ledger_config_is_resnet18_at_five_epochs(tmp_path):
@@ -386,11 +390,7 @@ def test_step_profile_times_the_pieces():
 # bench/learning_curve.py: the per-checkpoint table of a run.
 # ----------------------------------------------------------------------------
 def _learning_curve_module():
-  spec = importlib.util.spec_from_file_location("learning_curve",
-                                                BENCH / "learning_curve.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return _bench_module("learning_curve")
 
 
 def test_learning_curve_training_gate_rate_is_the_last_epochs_mean():

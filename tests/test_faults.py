@@ -523,9 +523,8 @@ def test_suggestions_and_os_error_messages():
 # ----------------------------------------------------------------------------
 # The NaN guard.
 # ----------------------------------------------------------------------------
-@pytest.mark.slow
-def test_nan_at_a_known_step_after_a_checkpoint(tmp_path, monkeypatch):
-  """The online classifier's weights become NaN before step 3."""
+def poison_params_at_step_2(monkeypatch, group: str) -> None:
+  """The train step turns parameter group `group` to NaN before step 3."""
   real = train.make_train_step
 
   def poisoned(setup):
@@ -534,12 +533,17 @@ def test_nan_at_a_known_step_after_a_checkpoint(tmp_path, monkeypatch):
     def step(state, batch, rng):
       if int(state.step) == 2:
         params = dict(state.params)
-        params["classifier"] = jax.tree.map(lambda x: x * jnp.nan,
-                                            params["classifier"])
+        params[group] = jax.tree.map(lambda x: x * jnp.nan, params[group])
         state = state.replace(params=params)
       return step_fn(state, batch, rng)
     return step
   monkeypatch.setattr(train, "make_train_step", poisoned)
+
+
+@pytest.mark.slow
+def test_nan_at_a_known_step_after_a_checkpoint(tmp_path, monkeypatch):
+  """The online classifier's weights become NaN before step 3."""
+  poison_params_at_step_2(monkeypatch, "classifier")
   with pytest.raises(train.NonFiniteLossError) as e:
     run(tiny_config(), tmp_path)
   message = str(e.value)
@@ -879,19 +883,7 @@ def test_nan_mid_run_then_resume_redoes_the_steps(finished, tmp_path,
   """A transient NaN at step 3 stops the run after checkpoint 2; the
   re-run resumes from 2 and ends where the uninterrupted run ended."""
   real = train.make_train_step
-
-  def poisoned(setup):
-    step_fn = real(setup)
-
-    def step(state, batch, rng):
-      if int(state.step) == 2:
-        params = dict(state.params)
-        params["projector"] = jax.tree.map(lambda x: x * jnp.nan,
-                                           params["projector"])
-        state = state.replace(params=params)
-      return step_fn(state, batch, rng)
-    return step
-  monkeypatch.setattr(train, "make_train_step", poisoned)
+  poison_params_at_step_2(monkeypatch, "projector")
   workdir = tmp_path / "run"
   with pytest.raises(train.NonFiniteLossError):
     run(tiny_config(), workdir)
